@@ -1,0 +1,428 @@
+"""The timeline: verbs, snapshots, cycles and inconsistencies, and the queries over them.
+
+`Timeline` is the synchronous store (used by the CLI straight from the database, and by the daemon
+from worker threads). `GroupCommitter` is the daemon's single writer: concurrent requests hand it their
+writes and share one transaction and one fsync.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+from sqlalchemy import Select, and_, func, insert, not_, or_, select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from storage.db import TimelineUnavailable, current_revision, head_revision, make_engine
+from storage.models import CycleRow, InconsistencyRow, SnapshotRow, VerbRow
+
+log = logging.getLogger("undo_proxy.timeline")
+
+OPEN_CYCLE_STATES = ("rewinding", "rewound", "replaying", "review", "cancelling")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:  # SQLite hands back naive datetimes; every stored time is UTC
+        t = t.replace(tzinfo=timezone.utc)
+    return t.isoformat()
+
+
+@dataclass
+class NewVerb:
+    protocol: str
+    frontend: str
+    verb: str
+    targets: list[str]
+    mutates: bool
+    summary: str
+    request: dict[str, Any]
+    status: str = "pending"
+    origin: str = "live"
+    cycle: int | None = None
+    original_seq: int | None = None
+    output: dict[str, Any] | None = None
+    time: datetime | None = None
+
+
+def verb_json(row: VerbRow, full: bool = False) -> dict[str, Any]:
+    doc = {
+        "seq": row.seq, "time": iso(row.time), "protocol": row.protocol, "verb": row.verb,
+        "targets": list(row.targets), "mutates": bool(row.mutates), "status": row.status,
+        "origin": row.origin, "cycle": row.cycle, "original_seq": row.original_seq,
+        "summary": row.summary, "frontend": row.frontend, "finished": iso(row.finished),
+    }
+    if full:
+        doc["request"] = row.request
+        doc["output"] = row.output
+    return doc
+
+
+def snapshot_json(row: SnapshotRow) -> dict[str, Any]:
+    return {"id": row.id, "time": iso(row.time), "after_seq": row.after_seq, "label": row.label,
+            "backend": row.backend, "path": row.path, "kind": row.kind, "valid": bool(row.valid),
+            "duration_ms": round(row.duration_ms, 2), "pause_ms": round(row.pause_ms, 2)}
+
+
+def cycle_json(row: CycleRow, inconsistencies: int) -> dict[str, Any]:
+    return {"id": row.id, "state": row.state, "snapshot": row.snapshot,
+            "pre_rewind_snapshot": row.pre_rewind_snapshot, "rewind_to_seq": row.rewind_to_seq,
+            "base_seq": row.base_seq, "end_seq": row.end_seq, "skipped": list(row.skipped),
+            "replayed": row.replayed, "to_replay": row.to_replay, "inconsistencies": inconsistencies,
+            "notes": list(row.notes), "opened": iso(row.opened), "closed": iso(row.closed),
+            "error": row.error}
+
+
+def inconsistency_json(row: InconsistencyRow) -> dict[str, Any]:
+    return {"id": row.id, "cycle": row.cycle, "seq": row.seq, "replay_seq": row.replay_seq,
+            "verb": row.verb, "kind": row.kind, "detail": row.detail, "compensation": row.compensation,
+            "compensation_detail": row.compensation_detail, "time": iso(row.created)}
+
+
+@dataclass
+class VerbFilter:
+    limit: int | None = None
+    after: int | None = None
+    protocol: str | None = None
+    verb: str | None = None
+    target: str | None = None
+    cycle: int | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    newest_first: bool = False
+
+
+class Timeline:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def check_schema(self) -> None:
+        """Raise TimelineUnavailable unless the schema is at the newest migration."""
+        try:
+            current = current_revision(self.engine)
+        except SQLAlchemyError as exc:
+            raise TimelineUnavailable(f"cannot open the timeline database: {_short(exc)}") from None
+        head = head_revision(self.url)
+        if current != head:
+            state = "has no schema" if current is None else f"is at schema {current}, not {head}"
+            raise TimelineUnavailable(f"the timeline database {state}: run `undo-proxy db upgrade`")
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def run(self, fn: Callable[[Session], Any]) -> Any:
+        """Run fn in one transaction; database errors become TimelineUnavailable."""
+        try:
+            with self.session() as s, s.begin():
+                return fn(s)
+        except (OperationalError, DBAPIError) as exc:
+            raise TimelineUnavailable(_short(exc)) from exc
+
+    # --- verbs ---------------------------------------------------------------------------------
+    @staticmethod
+    def insert_verb(s: Session, v: NewVerb) -> int:
+        now = v.time or utcnow()
+        values = dict(time=now, protocol=v.protocol, frontend=v.frontend, verb=v.verb, targets=v.targets,
+                      mutates=v.mutates, status=v.status, origin=v.origin, cycle=v.cycle,
+                      original_seq=v.original_seq, summary=v.summary, request=v.request, output=v.output,
+                      finished=now if v.status != "pending" else None)
+        return s.execute(insert(VerbRow).values(**values).returning(VerbRow.seq)).scalar_one()
+
+    @staticmethod
+    def finish_verb(s: Session, seq: int, status: str, output: dict[str, Any] | None, summary: str) -> None:
+        s.execute(update(VerbRow).where(VerbRow.seq == seq)
+                  .values(status=status, output=output, summary=summary, finished=utcnow()))
+
+    def last_seq(self) -> int:
+        return self.run(lambda s: s.scalar(select(func.max(VerbRow.seq))) or 0)
+
+    def verbs(self, f: VerbFilter) -> list[dict[str, Any]]:
+        def q(s: Session) -> list[dict[str, Any]]:
+            stmt: Select = select(VerbRow)
+            if f.after is not None:
+                stmt = stmt.where(VerbRow.seq > f.after)
+            if f.protocol:
+                stmt = stmt.where(VerbRow.protocol == f.protocol)
+            if f.verb:
+                stmt = stmt.where(VerbRow.verb == f.verb)
+            if f.cycle is not None:
+                stmt = stmt.where(VerbRow.cycle == f.cycle)
+            if f.status:
+                stmt = stmt.where(VerbRow.status == f.status)
+            if f.since:
+                stmt = stmt.where(VerbRow.time >= f.since)
+            if f.until:
+                stmt = stmt.where(VerbRow.time <= f.until)
+            stmt = stmt.order_by(VerbRow.seq.desc() if f.newest_first else VerbRow.seq)
+            if not f.target:
+                if f.limit is not None:
+                    stmt = stmt.limit(f.limit)
+                return [verb_json(r) for r in s.scalars(stmt)]
+            # Target globs match any of a verb's targets; filtered here so '*' and '?' mean what they
+            # mean in a shell, whatever the database's LIKE does.
+            out = []
+            for row in s.scalars(stmt.execution_options(yield_per=1000)):
+                if any(fnmatch.fnmatchcase(t, f.target) for t in row.targets):
+                    out.append(verb_json(row))
+                    if f.limit is not None and len(out) >= f.limit:
+                        break
+            return out
+        return self.run(q)
+
+    def verb(self, seq: int) -> dict[str, Any] | None:
+        return self.run(lambda s: (lambda r: verb_json(r, full=True) if r else None)(s.get(VerbRow, seq)))
+
+    def verb_rows(self, seqs: Iterable[int]) -> dict[int, VerbRow]:
+        seqs = list(seqs)
+        return self.run(lambda s: {r.seq: r for r in s.scalars(select(VerbRow).where(VerbRow.seq.in_(seqs)))})
+
+    def mark_pending_unknown(self) -> int:
+        """After a crash: a verb still pending lost its outcome. Returns how many."""
+        return self.run(lambda s: s.execute(
+            update(VerbRow).where(VerbRow.status == "pending").values(status="unknown")).rowcount)
+
+    def effective_verbs(self, after_seq: int, up_to_seq: int) -> list[VerbRow]:
+        """The verbs that make up the service's current history in (after_seq, up_to_seq], oldest first:
+        committed live verbs and committed cycles' replays, minus what a committed cycle superseded."""
+        def q(s: Session) -> list[VerbRow]:
+            committed = s.execute(select(CycleRow.id, CycleRow.base_seq, CycleRow.end_seq)
+                                  .where(CycleRow.state == "committed")).all()
+            ids = [c.id for c in committed]
+            stmt = (select(VerbRow).where(VerbRow.seq > after_seq, VerbRow.seq <= up_to_seq,
+                                          VerbRow.status == "committed")
+                    .where(or_(VerbRow.origin == "live", VerbRow.cycle.in_(ids) if ids else False)))
+            for c in committed:
+                stmt = stmt.where(not_(and_(VerbRow.seq > c.base_seq, VerbRow.seq <= c.end_seq)))
+            return list(s.scalars(stmt.order_by(VerbRow.seq)))
+        return self.run(q)
+
+    # --- snapshots -----------------------------------------------------------------------------
+    def snapshots(self, include_deleted: bool = False) -> list[dict[str, Any]]:
+        def q(s: Session) -> list[dict[str, Any]]:
+            stmt = select(SnapshotRow).order_by(SnapshotRow.time, SnapshotRow.id)
+            if not include_deleted:
+                stmt = stmt.where(SnapshotRow.deleted.is_(False))
+            return [snapshot_json(r) for r in s.scalars(stmt)]
+        return self.run(q)
+
+    def snapshot(self, sid: str) -> dict[str, Any] | None:
+        return self.run(lambda s: (lambda r: snapshot_json(r) if r and not r.deleted else None)(
+            s.get(SnapshotRow, sid)))
+
+    def add_snapshot(self, row: dict[str, Any]) -> None:
+        self.run(lambda s: s.add(SnapshotRow(**row)))
+
+    def set_snapshot(self, sid: str, **values: Any) -> None:
+        self.run(lambda s: s.execute(update(SnapshotRow).where(SnapshotRow.id == sid).values(**values)))
+
+    def snapshot_count(self) -> int:
+        return self.run(lambda s: s.scalar(select(func.count()).select_from(SnapshotRow)
+                                           .where(SnapshotRow.deleted.is_(False))) or 0)
+
+    def rewind_base(self, seq: int) -> dict[str, Any] | None:
+        """The newest valid snapshot taken at or before verb `seq`."""
+        def q(s: Session) -> dict[str, Any] | None:
+            row = s.scalars(select(SnapshotRow).where(SnapshotRow.after_seq <= seq, SnapshotRow.valid.is_(True),
+                                                      SnapshotRow.deleted.is_(False))
+                            .order_by(SnapshotRow.after_seq.desc(), SnapshotRow.time.desc()).limit(1)).first()
+            return snapshot_json(row) if row else None
+        return self.run(q)
+
+    def snapshot_at_or_before(self, when: datetime) -> dict[str, Any] | None:
+        def q(s: Session) -> dict[str, Any] | None:
+            row = s.scalars(select(SnapshotRow).where(SnapshotRow.time <= when, SnapshotRow.valid.is_(True),
+                                                      SnapshotRow.deleted.is_(False))
+                            .order_by(SnapshotRow.time.desc()).limit(1)).first()
+            return snapshot_json(row) if row else None
+        return self.run(q)
+
+    def last_seq_at(self, when: datetime) -> int:
+        return self.run(lambda s: s.scalar(select(func.max(VerbRow.seq)).where(VerbRow.time <= when)) or 0)
+
+    # --- cycles --------------------------------------------------------------------------------
+    def open_cycle(self) -> dict[str, Any] | None:
+        def q(s: Session) -> dict[str, Any] | None:
+            row = s.scalars(select(CycleRow).where(CycleRow.state.in_(OPEN_CYCLE_STATES))
+                            .order_by(CycleRow.id.desc()).limit(1)).first()
+            return self._cycle(s, row) if row else None
+        return self.run(q)
+
+    def cycle(self, cid: int) -> dict[str, Any] | None:
+        return self.run(lambda s: (lambda r: self._cycle(s, r) if r else None)(s.get(CycleRow, cid)))
+
+    def cycles(self) -> list[dict[str, Any]]:
+        return self.run(lambda s: [self._cycle(s, r) for r in s.scalars(select(CycleRow).order_by(CycleRow.id))])
+
+    @staticmethod
+    def _cycle(s: Session, row: CycleRow) -> dict[str, Any]:
+        n = s.scalar(select(func.count()).select_from(InconsistencyRow).where(InconsistencyRow.cycle == row.id))
+        return cycle_json(row, n or 0)
+
+    def create_cycle(self, **values: Any) -> int:
+        def q(s: Session) -> int:
+            row = CycleRow(skipped=[], notes=[], replayed=0, to_replay=0, opened=utcnow(), **values)
+            s.add(row)
+            s.flush()
+            return row.id
+        return self.run(q)
+
+    def update_cycle(self, cid: int, **values: Any) -> None:
+        self.run(lambda s: s.execute(update(CycleRow).where(CycleRow.id == cid).values(**values)))
+
+    def add_note(self, cid: int, note: str) -> None:
+        def q(s: Session) -> None:
+            row = s.get(CycleRow, cid)
+            row.notes = list(row.notes) + [{"time": iso(utcnow()), "note": note}]
+        self.run(q)
+
+    def replayed_originals(self, cid: int) -> set[int]:
+        """Original seqs this cycle has already replayed to completion (for resuming a replay)."""
+        return set(self.run(lambda s: s.scalars(
+            select(VerbRow.original_seq).where(VerbRow.cycle == cid, VerbRow.status == "committed")).all()))
+
+    # --- inconsistencies -----------------------------------------------------------------------
+    def inconsistencies(self, cycle: int | None = None, ids: Sequence[int] | None = None,
+                        pending_only: bool = False) -> list[dict[str, Any]]:
+        def q(s: Session) -> list[dict[str, Any]]:
+            stmt = select(InconsistencyRow).order_by(InconsistencyRow.id)
+            if cycle is not None:
+                stmt = stmt.where(InconsistencyRow.cycle == cycle)
+            if ids is not None:
+                stmt = stmt.where(InconsistencyRow.id.in_(list(ids)))
+            if pending_only:
+                stmt = stmt.where(InconsistencyRow.compensation.in_(("pending", "failed")))
+            return [inconsistency_json(r) for r in s.scalars(stmt)]
+        return self.run(q)
+
+    @staticmethod
+    def insert_inconsistency(s: Session, **values: Any) -> int:
+        row = InconsistencyRow(created=utcnow(), compensation_detail=None, **values)
+        s.add(row)
+        s.flush()
+        return row.id
+
+    def set_compensation(self, iid: int, state: str, detail: str) -> None:
+        self.run(lambda s: s.execute(update(InconsistencyRow).where(InconsistencyRow.id == iid)
+                                     .values(compensation=state, compensation_detail=detail)))
+
+    # --- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        cycle = self.open_cycle()
+        return {"mode": mode_of(cycle), "cycle": cycle["id"] if cycle else None,
+                "last_seq": self.last_seq(), "snapshots": self.snapshot_count(),
+                "cycle_state": cycle["state"] if cycle else None}
+
+    def integrity_ok(self) -> bool:
+        if not self.url.startswith("sqlite"):
+            return True
+        return self.run(lambda s: s.execute(text("PRAGMA integrity_check")).scalar() == "ok")
+
+
+def mode_of(cycle: dict[str, Any] | None) -> str:
+    if cycle is None:
+        return "live"
+    return {"rewinding": "rewound", "cancelling": "rewound"}.get(cycle["state"], cycle["state"])
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig or exc).splitlines()[0][:300]
+
+
+class GroupCommitter:
+    """The daemon's one writer. Operations queued while a transaction is being committed go together
+    into the next one, so N concurrent requests cost one fsync, not N."""
+
+    def __init__(self, timeline: Timeline, max_batch: int = 512) -> None:
+        self.timeline = timeline
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[Callable[[Session], Any], asyncio.Future | None]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+        self.ops = 0
+        self.healthy = True  # False after a write failed, until one succeeds again
+        self.on_commit: Callable[[int, float, bool], None] | None = None  # (batch size, seconds, ok)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="timeline-writer")
+
+    async def stop(self) -> None:
+        await self.flush()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def submit(self, op: Callable[[Session], Any]) -> asyncio.Future:
+        """Queue op; the future resolves with its result once it is committed (or fails)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, fut))
+        return fut
+
+    async def write(self, op: Callable[[Session], Any]) -> Any:
+        return await self.submit(op)
+
+    def submit_nowait(self, op: Callable[[Session], Any]) -> None:
+        """Queue op without anyone waiting (batched reads); a failure is logged."""
+        self._queue.put_nowait((op, None))
+
+    async def flush(self) -> None:
+        await self.submit(lambda s: None)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            results = await asyncio.to_thread(self._commit, [op for op, _ in batch])
+            self.batches += 1
+            self.ops += len(batch)
+            self.healthy = all(ok for ok, _ in results)
+            if self.on_commit:
+                self.on_commit(len(batch), loop.time() - t0, self.healthy)
+            for (_, fut), (ok, value) in zip(batch, results):
+                if fut is None:
+                    if not ok:
+                        log.error("a batched timeline write failed: %s", value)
+                elif not fut.done():
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
+
+    def _commit(self, ops: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+        try:
+            with self.timeline.session() as s, s.begin():
+                return [(True, op(s)) for op in ops]
+        except Exception as exc:  # noqa: BLE001 - fall back to one transaction per operation
+            if len(ops) == 1:
+                return [(False, _unavailable(exc))]
+            log.warning("group commit of %d writes failed (%s); retrying one by one", len(ops), _short(exc))
+        return [self._commit([op])[0] for op in ops]
+
+
+def _unavailable(exc: BaseException) -> TimelineUnavailable:
+    if isinstance(exc, TimelineUnavailable):
+        return exc
+    return TimelineUnavailable(_short(exc))

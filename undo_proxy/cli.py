@@ -1,0 +1,350 @@
+"""The `undo-proxy` command. Exit codes: 0 success, 1 the operation failed, 2 usage or configuration
+error, 3 the daemon is not reachable. `--json` prints one JSON document on stdout and nothing else there."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from storage.db import TimelineUnavailable
+from undo_proxy.config import Config, ConfigError, find_config_path, load_config, sample_config
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+class Exit(Exception):
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def die(code: int, message: str) -> NoReturn:
+    raise Exit(code, message)
+
+
+# --- talking to the daemon --------------------------------------------------------------------------
+def api(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None,
+        timeout: float | None = 600) -> Any:
+    url = f"http://{cfg.admin.listen}{path}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {cfg.admin.token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = str(exc.reason)
+        die(2 if exc.code == 400 else 1, message)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        die(3, f"the undo-proxy daemon is not reachable at {cfg.admin.listen} ({reason}); is `undo-proxy serve` running?")
+
+
+def timeline_store(cfg: Config):  # noqa: ANN201
+    from storage.timeline import Timeline
+    tl = Timeline(cfg.timeline_url)
+    try:
+        tl.check_schema()
+    except TimelineUnavailable as exc:
+        die(1, str(exc))
+    return tl
+
+
+# --- output -----------------------------------------------------------------------------------------
+def emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def verbs_table(verbs: list[dict[str, Any]]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for col in ("seq", "time", "verb", "status", "origin"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("summary", overflow="fold")
+    for v in verbs:
+        origin = v["origin"] if v["origin"] == "live" else f"replay of {v['original_seq']} (cycle {v['cycle']})"
+        t.add_row(str(v["seq"]), v["time"][:23], v["verb"], v["status"], origin, v["summary"], style=None)
+    return t
+
+
+def cycle_line(c: dict[str, Any]) -> str:
+    skipped = ",".join(map(str, c["skipped"])) or "none"
+    return (f"cycle {c['id']}: {c['state']}; rewound to snapshot {c['snapshot']} (state after verb "
+            f"{c['rewind_to_seq']}); skipped {skipped}; replayed {c['replayed']}; "
+            f"inconsistencies {c['inconsistencies']}")
+
+
+# --- commands ---------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> None:
+    directory = Path(args.dir or ".")
+    target = directory / "undo-proxy.toml"
+    if target.exists():
+        die(1, f"{target} exists already; not overwriting it")
+    directory.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "snapshots"):
+        (directory / sub).mkdir(exist_ok=True)
+    (directory / "state").mkdir(exist_ok=True, mode=0o700)
+    target.write_text(sample_config(directory, secrets.token_urlsafe(24)))
+    target.chmod(0o600)
+    err.print(f"wrote {target}; next: undo-proxy -c {target} db upgrade && undo-proxy -c {target} serve")
+
+
+def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> None:
+    from storage.db import upgrade
+    try:
+        rev = upgrade(cfg.timeline_url)
+    except Exception as exc:  # noqa: BLE001 - any database failure is reported in one line
+        die(1, f"db upgrade failed: {str(getattr(exc, 'orig', exc)).splitlines()[0]}")
+    err.print(f"timeline schema at revision {rev}")
+
+
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> None:
+    from undo_proxy.daemon import StartupError, serve
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(cfg))
+    except (StartupError, TimelineUnavailable) as exc:
+        die(1, str(exc))
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> None:
+    doc = timeline_store(cfg).status()
+    if args.json:
+        return emit_json(doc)
+    out.print(f"mode: {doc['mode']}" + (f" (cycle {doc['cycle']}, {doc['cycle_state']})" if doc["cycle"] else ""))
+    out.print(f"last verb: {doc['last_seq']}  snapshots: {doc['snapshots']}")
+
+
+def cmd_timeline(args: argparse.Namespace, cfg: Config) -> None:
+    from storage.timeline import VerbFilter
+    verbs = timeline_store(cfg).verbs(VerbFilter(limit=args.limit, after=args.after, protocol=args.protocol,
+                                                 verb=args.verb, target=args.target, cycle=args.cycle))
+    if args.json:
+        return emit_json(verbs)
+    out.print(verbs_table(verbs))
+
+
+def cmd_show(args: argparse.Namespace, cfg: Config) -> None:
+    doc = timeline_store(cfg).verb(args.seq)
+    if doc is None:
+        die(1, f"no verb {args.seq}")
+    if args.json:
+        return emit_json(doc)
+    out.print(verbs_table([doc]))
+    out.print_json(json.dumps({"request": doc["request"], "output": doc["output"]}))
+
+
+def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> None:
+    if args.action == "take":
+        doc = api(cfg, "POST", "/api/snapshots", {"label": args.label})
+        if args.json:
+            return emit_json(doc)
+        out.print(f"snapshot {doc['id']} after verb {doc['after_seq']} ({doc['backend']}, "
+                  f"{doc['duration_ms']} ms; traffic held {doc['pause_ms']} ms)")
+    elif args.action == "list":
+        snaps = timeline_store(cfg).snapshots()
+        if args.json:
+            return emit_json(snaps)
+        t = Table(box=None, pad_edge=False)
+        for col in ("id", "time", "after_seq", "kind", "label", "backend", "rewind point"):
+            t.add_column(col)
+        for s in snaps:
+            t.add_row(s["id"], s["time"][:19], str(s["after_seq"]), s["kind"], s["label"] or "", s["backend"],
+                      "yes" if s["valid"] else "no")
+        out.print(t)
+    else:
+        api(cfg, "DELETE", f"/api/snapshots/{urllib.request.quote(args.id, safe='')}")
+        err.print(f"deleted snapshot {args.id}")
+
+
+def cmd_rewind(args: argparse.Namespace, cfg: Config) -> None:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            die(2, "rewind stops live traffic and rolls the service back: confirm with --yes")
+        answer = input(f"Rewind the service to {args.to}? Live traffic is refused until commit or cancel. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            die(1, "not rewound")
+    doc = api(cfg, "POST", "/api/rewind", {"to": args.to}, timeout=None)
+    emit_json(doc) if args.json else out.print(cycle_line(doc))
+
+
+def cmd_repair(args: argparse.Namespace, cfg: Config) -> None:
+    doc = api(cfg, "POST", "/api/repair", {"note": args.note})
+    emit_json(doc) if args.json else out.print(cycle_line(doc))
+
+
+def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
+    skip = []
+    for part in (args.skip or "").split(","):
+        if part.strip():
+            if not part.strip().isdigit():
+                die(2, f"--skip takes verb numbers separated by commas, not {part!r}")
+            skip.append(int(part))
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["doc"] = api(cfg, "POST", "/api/replay", {"skip": skip}, timeout=None)
+        except Exit as exc:
+            result["exit"] = exc
+
+    worker = threading.Thread(target=call, daemon=True)
+    status = api(cfg, "GET", "/api/status")
+    worker.start()
+    if err.is_terminal and status.get("cycle"):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("replaying", total=None)
+            while worker.is_alive():
+                c = api(cfg, "GET", f"/api/cycles/{status['cycle']}")
+                bar.update(task, completed=c["replayed"], total=c["to_replay"] or None)
+                worker.join(0.3)
+    worker.join()
+    if "exit" in result:
+        raise result["exit"]
+    doc = result["doc"]
+    emit_json(doc) if args.json else out.print(cycle_line(doc))
+
+
+def cmd_commit(args: argparse.Namespace, cfg: Config) -> None:
+    doc = api(cfg, "POST", "/api/commit", {})
+    emit_json(doc) if args.json else out.print(cycle_line(doc))
+
+
+def cmd_cancel(args: argparse.Namespace, cfg: Config) -> None:
+    doc = api(cfg, "POST", "/api/cancel", {}, timeout=None)
+    emit_json(doc) if args.json else out.print(cycle_line(doc))
+
+
+def cmd_inconsistencies(args: argparse.Namespace, cfg: Config) -> None:
+    items = timeline_store(cfg).inconsistencies(cycle=args.cycle)
+    if args.json:
+        return emit_json(items)
+    t = Table(box=None, pad_edge=False)
+    for col in ("id", "cycle", "seq", "verb", "kind", "compensation", "detail"):
+        t.add_column(col, overflow="fold")
+    for i in items:
+        t.add_row(str(i["id"]), str(i["cycle"]), str(i["seq"]), i["verb"], i["kind"], i["compensation"], i["detail"])
+    out.print(t)
+
+
+def cmd_compensate(args: argparse.Namespace, cfg: Config) -> None:
+    if not args.ids and not args.all:
+        die(2, "name inconsistency ids, or --all")
+    items = api(cfg, "POST", "/api/compensate", {"ids": args.ids} if args.ids else {"all": True}, timeout=None)
+    if args.json:
+        return emit_json(items)
+    for i in items:
+        out.print(f"inconsistency {i['id']} (verb {i['seq']}): {i['compensation']} {i.get('compensation_detail') or ''}")
+    if any(i["compensation"] == "failed" for i in items):
+        die(1, "some compensations failed; run `compensate` again to retry them")
+
+
+# --- argument parsing -------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help="config file (default: $UNDO_PROXY_CONFIG "
+                                                              "or ./undo-proxy.toml)")
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = argparse.ArgumentParser(prog="undo-proxy", parents=[common],
+                                description="Rewind, repair, replay: an undo button for mail and web services.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", parents=[common], help="write a sample config")
+    s.add_argument("dir", nargs="?")
+    s = sub.add_parser("db", parents=[common], help="timeline schema")
+    s.add_argument("action", choices=["upgrade"])
+    s = sub.add_parser("serve", parents=[common], help="run the front-ends, admin API and snapshot scheduler")
+    s.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("status", parents=[common, js], help="mode, open cycle, last verb, snapshot count")
+    s = sub.add_parser("timeline", parents=[common, js], help="list verbs, oldest first")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--after", type=int, metavar="SEQ")
+    s.add_argument("--protocol")
+    s.add_argument("--verb", metavar="NAME")
+    s.add_argument("--target", metavar="GLOB")
+    s.add_argument("--cycle", type=int, metavar="ID")
+    s = sub.add_parser("show", parents=[common, js], help="one verb with its request and output")
+    s.add_argument("seq", type=int)
+    s = sub.add_parser("snapshot", parents=[common], help="take, list or delete snapshots")
+    snap = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = snap.add_parser("take", parents=[common, js])
+    t.add_argument("--label")
+    snap.add_parser("list", parents=[common, js])
+    d = snap.add_parser("delete", parents=[common])
+    d.add_argument("id")
+    s = sub.add_parser("rewind", parents=[common, js], help="open an undo cycle")
+    s.add_argument("--to", required=True, metavar="TARGET", help="snapshot ID, @SEQ or ISO-8601 time")
+    s.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    s = sub.add_parser("repair", parents=[common, js], help="record what the operator repaired")
+    s.add_argument("--note", required=True)
+    s = sub.add_parser("replay", parents=[common, js], help="replay the verbs after the rewind point")
+    s.add_argument("--skip", metavar="SEQ,...")
+    sub.add_parser("commit", parents=[common, js], help="accept the replayed timeline")
+    sub.add_parser("cancel", parents=[common, js], help="abandon the cycle, restore the pre-rewind state")
+    s = sub.add_parser("inconsistencies", parents=[common, js], help="external inconsistencies found by replay")
+    s.add_argument("--cycle", type=int, metavar="ID")
+    s = sub.add_parser("compensate", parents=[common, js], help="run compensations")
+    s.add_argument("ids", nargs="*", type=int)
+    s.add_argument("--all", action="store_true")
+    return p
+
+
+COMMANDS = {"db": cmd_db_upgrade, "serve": cmd_serve, "status": cmd_status, "timeline": cmd_timeline,
+            "show": cmd_show, "snapshot": cmd_snapshot, "rewind": cmd_rewind, "repair": cmd_repair,
+            "replay": cmd_replay, "commit": cmd_commit, "cancel": cmd_cancel,
+            "inconsistencies": cmd_inconsistencies, "compensate": cmd_compensate}
+
+
+def fail(code: int, message: str) -> int:
+    """Errors are one unwrapped line on stderr, whatever the terminal's width."""
+    if message:
+        sys.stderr.write(f"undo-proxy: {' '.join(message.split())}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            cmd_init(args)
+            return 0
+        try:
+            cfg = load_config(find_config_path(getattr(args, "config", None)))
+        except ConfigError as exc:
+            die(2, str(exc))
+        COMMANDS[args.command](args, cfg)
+        return 0
+    except ConfigError as exc:
+        return fail(2, str(exc))
+    except Exit as exc:
+        return fail(exc.code, exc.message)
+    except TimelineUnavailable as exc:
+        return fail(1, f"the timeline database is unavailable: {exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

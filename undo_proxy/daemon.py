@@ -1,0 +1,128 @@
+"""`undo-proxy serve`: every configured front-end, the admin listener and the snapshot scheduler in one
+asyncio process."""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiohttp import web
+
+from storage.blobs import BlobStore
+from storage.snapshots import SnapshotError, make_backend
+from storage.timeline import GroupCommitter, Timeline
+from undo_proxy import metrics
+from undo_proxy.admin import AdminApi, make_admin_app
+from undo_proxy.config import Config, ConfigError
+from undo_proxy.gate import Gate
+from undo_proxy.http_proxy import HttpFrontendServer
+from undo_proxy.http_upstream import HttpUpstream
+from undo_proxy.manager import Frontend, UndoManager
+from verbs.base import load_pack
+
+log = logging.getLogger("undo_proxy")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message names what to fix."""
+
+
+def load_packs(cfg: Config) -> dict[str, Any]:
+    packs = {}
+    for kind, fes in (("http", cfg.http), ("smtp", cfg.smtp), ("imap", cfg.imap)):
+        for i, fe in enumerate(fes):
+            try:
+                packs[fe.name] = load_pack(fe.verbs)
+            except ValueError as exc:
+                raise ConfigError(f"{cfg.path}: {kind}[{i}].verbs: {exc}") from None
+    return packs
+
+
+def lock_state_dir(cfg: Config) -> int:
+    cfg.state.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(cfg.state.dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another undo-proxy is running on {cfg.state.dir} (lock held)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+async def serve(cfg: Config) -> None:
+    if not cfg.admin.token:
+        raise ConfigError(f"{cfg.path}: admin.token: required to serve (or admin.token_file)")
+    packs = load_packs(cfg)
+    if cfg.smtp or cfg.imap:
+        raise ConfigError(f"{cfg.path}: {'smtp' if cfg.smtp else 'imap'}: this build has no such front-end yet")
+    lock_fd = lock_state_dir(cfg)
+    timeline = Timeline(cfg.timeline_url)
+    await asyncio.to_thread(timeline.check_schema)
+    blobs = BlobStore(cfg.blob_dir)
+    backend = None
+    if cfg.snapshots.volume and cfg.snapshots.store:
+        try:
+            backend = await make_backend(cfg.snapshots.backend, cfg.snapshots.volume, cfg.snapshots.store)
+        except SnapshotError as exc:
+            raise StartupError(f"snapshots: {exc}") from None
+        log.info("snapshots: %s backend, volume %s, store %s", backend.name, backend.volume, backend.store)
+    gate = Gate()
+    committer = GroupCommitter(timeline)
+
+    def on_commit(batch: int, seconds: float, ok: bool) -> None:
+        metrics.COMMIT_BATCH.observe(batch)
+        metrics.COMMIT_SECONDS.observe(seconds)
+        metrics.TIMELINE_UP.set(1 if ok else 0)
+    committer.on_commit = on_commit
+    committer.start()
+    metrics.TIMELINE_UP.set(1)
+
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(asyncio.to_thread, timeline.close)
+        stack.push_async_callback(committer.stop)
+        frontends: dict[str, Frontend] = {}
+        servers: list[HttpFrontendServer] = []
+        for fe_cfg in cfg.http:
+            upstream = HttpUpstream(fe_cfg.upstream, fe_cfg.timeout)
+            await upstream.start()
+            stack.push_async_callback(upstream.close)
+            frontends[fe_cfg.name] = Frontend(fe_cfg.name, packs[fe_cfg.name], upstream, fe_cfg)
+            servers.append(HttpFrontendServer(fe_cfg, packs[fe_cfg.name], gate, timeline, committer, blobs,
+                                              upstream))
+        manager = UndoManager(cfg, timeline, committer, gate, blobs, backend, frontends)
+        await manager.recover()
+        for server in servers:
+            server.on_mutation = manager.note_mutation
+            try:
+                await server.start()
+            except OSError as exc:
+                raise StartupError(f"http {server.cfg.name}: cannot listen on {server.cfg.listen}: "
+                                   f"{exc.strerror}") from None
+            stack.push_async_callback(server.stop)
+
+        admin_runner = web.AppRunner(make_admin_app(AdminApi(manager, cfg.admin.token)), access_log=None)
+        await admin_runner.setup()
+        stack.push_async_callback(admin_runner.cleanup)
+        try:
+            await web.TCPSite(admin_runner, cfg.admin.listen.host, cfg.admin.listen.port,
+                              reuse_address=True).start()
+        except OSError as exc:
+            raise StartupError(f"admin: cannot listen on {cfg.admin.listen}: {exc.strerror}") from None
+        log.info("admin API on http://%s/api", cfg.admin.listen)
+
+        scheduler = asyncio.create_task(manager.scheduler(), name="snapshot-scheduler")
+        stack.callback(scheduler.cancel)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("undo-proxy serving (mode %s)", gate.mode)
+        await stop.wait()
+        log.info("stopping")
+    os.close(lock_fd)

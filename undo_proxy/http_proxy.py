@@ -1,0 +1,353 @@
+"""The HTTP front-end: sockets and parsing only. Each request becomes a verb through the pack, passes the
+gate, is recorded in the timeline, and only then reaches the upstream.
+
+Mutating verbs: the request body is stored (blob store) and the intent committed before anything is
+forwarded; the upstream's answer is read whole and its outcome committed before the client sees it.
+Reads stream straight through and are recorded in batches as they finish.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from storage.blobs import BlobStore
+from storage.db import TimelineUnavailable
+from storage.timeline import GroupCommitter, NewVerb, Timeline
+from undo_proxy import metrics
+from undo_proxy.config import HttpFrontend
+from undo_proxy.gate import Gate, Refused
+from undo_proxy.http_upstream import (READ_BODY_STORE_LIMIT, BufferedResponse, HttpUpstream, UpstreamError,
+                                      classify, decoded_headers, read_whole, strip_hop_by_hop)
+from verbs.base import Intent
+from verbs.http import HttpRequestHead
+
+log = logging.getLogger("undo_proxy.http")
+RETRY_AFTER = "30"
+# Response headers the proxy sets itself from what it sends.
+_RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+
+class _Handler(web_protocol.RequestHandler):
+    """aiohttp's connection handler with the status codes of RFC 9110/6585 for oversized requests, and one
+    log line instead of a stack trace per malformed request."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):  # noqa: ANN001, ANN201
+        if isinstance(exc, LineTooLong):
+            status, message = (414, "URI Too Long") if "status line" in str(exc).lower() \
+                else (431, "Request Header Fields Too Large")
+        elif isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
+            status, message = 431, "Request Header Fields Too Large"
+        if isinstance(exc, BadHttpMessage):
+            metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
+            log.info("refused a malformed request from %s: %s", _peer(request), str(exc)[:200])
+            resp = web.Response(status=status, text=f"{status} {message or 'Bad Request'}\n")
+            resp.force_close()
+            return resp
+        return super().handle_error(request, status, exc, message)
+
+
+class _Server(web.Server):
+    def __call__(self) -> _Handler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+def _peer(request: web.BaseRequest) -> str:
+    try:
+        return request.remote or ""
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+class HttpFrontendServer:
+    def __init__(self, cfg: HttpFrontend, pack: Any, gate: Gate, timeline: Timeline,
+                 committer: GroupCommitter, blobs: BlobStore, upstream: HttpUpstream) -> None:
+        self.cfg, self.pack, self.gate = cfg, pack, gate
+        self.timeline, self.committer, self.blobs, self.upstream = timeline, committer, blobs, upstream
+        self.runner: web.ServerRunner | None = None
+        self.on_mutation: Any = None  # callback for the every_verbs scheduler
+
+    async def start(self) -> None:
+        server = _Server(self.handle, max_line_size=8190, max_field_size=8190, max_headers=100,
+                         handler_cancellation=False)
+        self.runner = web.ServerRunner(server, shutdown_timeout=5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.listen.host, self.cfg.listen.port, reuse_address=True)
+        await site.start()
+        log.info("http front-end %s listening on %s, upstream %s", self.cfg.name, self.cfg.listen,
+                 self.cfg.upstream)
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    # --- the one flow ----------------------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.gate.refusing:
+            return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
+                          {"Retry-After": RETRY_AFTER})
+        head = HttpRequestHead(
+            method=request.method, raw_path=request.raw_path, version=f"{request.version.major}.{request.version.minor}",
+            headers=strip_hop_by_hop(decoded_headers(request.raw_headers)),
+            client=_peer(request))
+        if head.raw_path.startswith("*") or not (head.raw_path.startswith("/") or "://" in head.raw_path):
+            return _plain(400, "400 Bad Request: unsupported request target\n")
+        intent: Intent = self.pack.parse(head)
+        metrics.VERBS_STARTED.labels("http").inc()
+        if intent.mutates:
+            if request.content_length is not None and request.content_length > self.cfg.max_body:
+                return _plain(413, "413 Content Too Large\n")
+            try:
+                async with self.gate.mutation(intent.targets):
+                    return await self._mutating(request, intent)
+            except Refused:
+                return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
+                              {"Retry-After": RETRY_AFTER})
+        if not self.committer.healthy:
+            return _plain(503, "undo-proxy: the timeline cannot be written\n", {"Retry-After": "5"})
+        return await self._read(request, intent)
+
+    def _new_verb(self, intent: Intent, **kw: Any) -> NewVerb:
+        return NewVerb(protocol=self.pack.protocol, frontend=self.cfg.name, verb=intent.verb,
+                       targets=intent.targets, mutates=intent.mutates, summary=intent.summary,
+                       request=intent.request, **kw)
+
+    async def _record_aborted(self, intent: Intent, why: str) -> None:
+        metrics.VERBS.labels("http", "aborted").inc()
+        verb = self._new_verb(intent, status="aborted", output={"error": why})
+        verb.summary = self.pack.summary(intent.summary, None, why)
+        self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
+
+    async def _store_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        writer = self.blobs.writer()
+        try:
+            while chunk := await request.content.readany():
+                writer.write(chunk)
+                if writer.size > self.cfg.max_body:
+                    raise _TooLarge()
+            ref = await asyncio.to_thread(writer.finish)
+        except BaseException:
+            writer.discard()
+            raise
+        metrics.BYTES_RECORDED.inc(ref.stored_size if ref.new else 0)
+        return {"digest": ref.digest, "size": ref.size, "stored": True}
+
+    async def _mutating(self, request: web.BaseRequest, intent: Intent) -> web.StreamResponse:
+        expects = (request.headers.get("Expect", "").lower() == "100-continue")
+        if expects:
+            return await self._mutating_expect(request, intent)
+        try:
+            intent.request["body"] = await self._store_body(request)
+        except _TooLarge:
+            return _plain(413, "413 Content Too Large\n", close=True)
+        except (ConnectionError, asyncio.CancelledError, Exception) as exc:  # client gone mid-body
+            await self._record_aborted(intent, f"client went away while sending the body ({exc.__class__.__name__})")
+            raise web.HTTPBadRequest() if not isinstance(exc, asyncio.CancelledError) else exc
+        seq = await self._commit_intent(intent)
+        if seq is None:
+            return _unrecordable()
+        body = intent.request["body"]
+        data = self.blobs.read(body["digest"]) if body["size"] <= (4 << 20) else _blob_stream(self.blobs, body["digest"])
+        return await self._forward_buffered(request, intent, seq, data)
+
+    async def _mutating_expect(self, request: web.BaseRequest, intent: Intent) -> web.StreamResponse:
+        """Expect: 100-continue: the upstream sees the headers first; only when it asks for the body is the
+        client told to send it, and the body is stored and the intent committed before it goes on."""
+        state: dict[str, Any] = {"seq": None}
+
+        async def body_after_continue() -> AsyncIterator[bytes]:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            intent.request["body"] = await self._store_body(request)
+            seq = await self._commit_intent(intent)
+            if seq is None:
+                state["unrecordable"] = True
+                raise _Unrecordable()
+            state["seq"] = seq
+            for chunk in self.blobs.chunks(intent.request["body"]["digest"]):
+                yield chunk
+
+        try:
+            async with self.upstream.open(intent.request, body_after_continue()) as resp:
+                buffered = await read_whole(resp, self.blobs)
+        except Exception as exc:  # noqa: BLE001
+            if state.get("unrecordable"):
+                return _unrecordable()
+            err = classify(exc) if not isinstance(exc, _TooLarge) else UpstreamError(413, "too large")
+            if state["seq"] is None:
+                await self._record_aborted(intent, err.reason)
+                return _plain(err.status, f"{err.status} {err.reason}\n", close=True)
+            return await self._finish_failed(intent, state["seq"], err)
+        if state["seq"] is None:
+            # The upstream answered without wanting the body: nothing was forwarded that could change state.
+            intent.request["body"] = None
+            output = self._output(buffered, intent)
+            verb = self._new_verb(intent, status="failed", output=output)
+            verb.summary = self.pack.summary(intent.summary, output)
+            try:
+                await self.committer.write(lambda s: Timeline.insert_verb(s, verb))
+            except TimelineUnavailable:
+                return _unrecordable()
+            return await self._send_buffered(request, buffered, close=True)
+        return await self._complete(request, intent, state["seq"], buffered)
+
+    async def _commit_intent(self, intent: Intent) -> int | None:
+        verb = self._new_verb(intent)
+        try:
+            return await self.committer.write(lambda s: Timeline.insert_verb(s, verb))
+        except TimelineUnavailable as exc:
+            metrics.FRONTEND_ERRORS.labels("http", "timeline").inc()
+            log.error("refusing %s: the timeline cannot be written: %s", intent.summary, exc)
+            return None
+
+    async def _forward_buffered(self, request: web.BaseRequest, intent: Intent, seq: int,
+                                data: Any) -> web.StreamResponse:
+        try:
+            async with self.upstream.open(intent.request, data) as resp:
+                buffered = await read_whole(resp, self.blobs)
+        except Exception as exc:  # noqa: BLE001
+            return await self._finish_failed(intent, seq, classify(exc))
+        return await self._complete(request, intent, seq, buffered)
+
+    def _output(self, buffered: BufferedResponse, intent: Intent) -> dict[str, Any]:
+        return self.pack.output(buffered.status, buffered.reason, buffered.headers, buffered.digest,
+                                buffered.size, True, intent.request["method"], body=buffered.body)
+
+    async def _complete(self, request: web.BaseRequest, intent: Intent, seq: int,
+                        buffered: BufferedResponse) -> web.StreamResponse:
+        output = self._output(buffered, intent)
+        summary = self.pack.summary(intent.summary, output)
+        try:
+            await self.committer.write(lambda s: Timeline.finish_verb(s, seq, "committed", output, summary))
+        except TimelineUnavailable as exc:
+            log.error("verb %d reached the upstream but its outcome cannot be recorded: %s", seq, exc)
+            return _unrecordable()
+        metrics.VERBS.labels("http", "committed").inc()
+        if self.on_mutation:
+            self.on_mutation()
+        return await self._send_buffered(request, buffered)
+
+    async def _finish_failed(self, intent: Intent, seq: int, err: UpstreamError) -> web.StreamResponse:
+        metrics.VERBS.labels("http", "failed").inc()
+        metrics.FRONTEND_ERRORS.labels("http", "upstream").inc()
+        log.warning("%s: %s", intent.summary, err.reason)
+        summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
+        try:
+            await self.committer.write(
+                lambda s: Timeline.finish_verb(s, seq, "failed", {"error": err.reason, "status": err.status}, summary))
+        except TimelineUnavailable:
+            pass  # stays pending; marked unknown at the next start
+        return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
+
+    async def _send_buffered(self, request: web.BaseRequest, buffered: BufferedResponse,
+                             close: bool = False) -> web.StreamResponse:
+        resp = self._response_head(buffered.status, buffered.reason, buffered.headers, request.method)
+        if close:
+            resp.force_close()
+        if request.method == "HEAD" or buffered.status in (204, 304) or buffered.status < 200:
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        resp.content_length = buffered.size
+        await resp.prepare(request)
+        if buffered.body is not None:
+            await resp.write(buffered.body)
+        else:
+            async for chunk in _blob_stream(self.blobs, buffered.blob or buffered.digest):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    def _response_head(self, status: int, reason: str, headers: list[tuple[str, str]],
+                       method: str) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, reason=reason or None)
+        for k, v in strip_hop_by_hop(headers):
+            if k.lower() in _RESPONSE_FRAMING and not (k.lower() == "content-length" and method == "HEAD"):
+                continue
+            resp.headers.add(k, v)
+        return resp
+
+    # --- reads -------------------------------------------------------------------------------
+    async def _read(self, request: web.BaseRequest, intent: Intent) -> web.StreamResponse:
+        writer = self.blobs.writer(limit=READ_BODY_STORE_LIMIT)
+        kept: list[bytes] = []
+        resp: web.StreamResponse | None = None
+        has_body = request.body_exists
+        data = _client_stream(request) if has_body else None
+        try:
+            async with self.upstream.open(intent.request, data) as up:
+                resp = self._response_head(up.status, up.reason or "", decoded_headers(up.raw_headers),
+                                           request.method)
+                length = up.headers.get("Content-Length")
+                if request.method != "HEAD" and length is not None and length.isdigit():
+                    resp.content_length = int(length)
+                try:
+                    await resp.prepare(request)
+                    if request.method != "HEAD":
+                        async for chunk in up.content.iter_any():
+                            writer.write(chunk)
+                            if not writer.overflow:
+                                kept.append(chunk)
+                            await resp.write(chunk)
+                    await resp.write_eof()
+                except (ConnectionError, RuntimeError) as exc:
+                    writer.discard()
+                    await self._record_aborted(intent, f"client went away ({exc.__class__.__name__})")
+                    raise ConnectionResetError() from None
+                status, reason, headers = up.status, up.reason or "", decoded_headers(up.raw_headers)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            writer.discard()
+            err = classify(exc)
+            metrics.VERBS.labels("http", "failed").inc()
+            verb = self._new_verb(intent, status="failed", output={"error": err.reason, "status": err.status})
+            verb.summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
+            self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
+            if resp is not None and resp.prepared:
+                raise ConnectionResetError() from None  # headers already sent: all we can do is cut it
+            return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
+        ref = await asyncio.to_thread(writer.finish)
+        output = self.pack.output(status, reason, headers, ref.digest, ref.size, not writer.overflow,
+                                  request.method, body=b"".join(kept) if not writer.overflow else None)
+        verb = self._new_verb(intent, status="committed", output=output)
+        verb.summary = self.pack.summary(intent.summary, output)
+        self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
+        metrics.VERBS.labels("http", "committed").inc()
+        return resp
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Unrecordable(Exception):
+    pass
+
+
+def _plain(status: int, text: str, headers: dict[str, str] | None = None, close: bool = False) -> web.Response:
+    resp = web.Response(status=status, text=text, headers=headers)
+    if close:
+        resp.force_close()
+    return resp
+
+
+def _unrecordable() -> web.Response:
+    return _plain(503, "undo-proxy: the timeline cannot be written; nothing was forwarded\n",
+                  {"Retry-After": "5"}, close=True)
+
+
+async def _client_stream(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    while chunk := await request.content.readany():
+        yield chunk
+
+
+async def _blob_stream(blobs: BlobStore, digest: str) -> AsyncIterator[bytes]:
+    it = iter(blobs.chunks(digest))
+    while True:
+        chunk = await asyncio.to_thread(next, it, None)
+        if chunk is None:
+            return
+        yield chunk
