@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.backends"]
+pytest_plugins = ["tests.backends", "tests.daemon"]
