@@ -3,6 +3,7 @@ the target is the normalized path."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
@@ -126,8 +127,8 @@ class HttpPack:
 
         def sub(text: str) -> str:
             for old, new in names.items():
-                if old in text:
-                    text = text.replace(old, new)
+                # whole names only: "/items/1" must not rewrite "/items/10"
+                text = re.sub(re.escape(old) + r"(?=[/?#>)\s,]|$)", lambda _m, n=new: n, text)
             return text
 
         out = dict(request)
