@@ -21,8 +21,9 @@ from rich.table import Table
 from storage.db import TimelineUnavailable
 from undo_proxy.config import Config, ConfigError, find_config_path, load_config, sample_config
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# Off a terminal (pipes, logs) rich would wrap tables at 80 columns; operators grep these lines.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 class Exit(Exception):
@@ -102,7 +103,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     (directory / "state").mkdir(exist_ok=True, mode=0o700)
     target.write_text(sample_config(directory, secrets.token_urlsafe(24)))
     target.chmod(0o600)
-    err.print(f"wrote {target}; next: undo-proxy -c {target} db upgrade && undo-proxy -c {target} serve")
+    sys.stderr.write(f"wrote {target}; next: undo-proxy -c {target} db upgrade && undo-proxy -c {target} serve\n")
 
 
 def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> None:
@@ -165,7 +166,7 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> None:
             return emit_json(snaps)
         t = Table(box=None, pad_edge=False)
         for col in ("id", "time", "after_seq", "kind", "label", "backend", "rewind point"):
-            t.add_column(col)
+            t.add_column(col, no_wrap=col != "label")
         for s in snaps:
             t.add_row(s["id"], s["time"][:19], str(s["after_seq"]), s["kind"], s["label"] or "", s["backend"],
                       "yes" if s["valid"] else "no")
