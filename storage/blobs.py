@@ -1,7 +1,8 @@
 """Content-addressed blob store: bodies by SHA-256, zlib-compressed, stored once.
 
 A BlobWriter takes a body chunk by chunk, hashing and compressing to a temporary file as it goes, so a
-large body never sits in memory; `finish()` fsyncs and renames it to its digest's place.
+large body never sits in memory; `finish()` fsyncs and renames it to its digest's place. Small bodies wait
+in memory instead, so content that is already stored costs no disk write at all.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 CHUNK = 256 * 1024
+SPILL = 256 * 1024  # a body larger than this goes to a temp file as it arrives
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
@@ -58,9 +60,14 @@ class BlobStore:
         decomp = zlib.decompressobj()
         with self.open(digest) as f:
             while block := f.read(size):
-                out = decomp.decompress(block)
-                if out:
-                    yield out
+                # Bounded output: a highly compressible blob must not expand in memory all at once.
+                while True:
+                    out = decomp.decompress(block, size)
+                    if out:
+                        yield out
+                    block = decomp.unconsumed_tail
+                    if not block and len(out) < size:
+                        break
             tail = decomp.flush()
             if tail:
                 yield tail
@@ -70,6 +77,9 @@ class BlobStore:
 
 
 class BlobWriter:
+    """Small bodies (up to SPILL bytes) stay in memory until `finish()`: content already in the store then
+    costs one stat, no temporary file, no compression and no fsync. Larger ones spill to a temp file."""
+
     def __init__(self, store: BlobStore, limit: int | None) -> None:
         self.store = store
         self.limit = limit
@@ -77,10 +87,10 @@ class BlobWriter:
         self.size = 0
         self.stored = 0
         self.overflow = False
-        self._comp = zlib.compressobj(level=1)
-        fd, name = tempfile.mkstemp(dir=store.tmp, prefix="w-")
-        self._tmp = Path(name)
-        self._file = os.fdopen(fd, "wb")
+        self._mem: list[bytes] | None = []  # the raw body while it is small
+        self._comp: Any = None
+        self._tmp: Path | None = None
+        self._file: BinaryIO | None = None
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -93,6 +103,24 @@ class BlobWriter:
             self.overflow = True
             self.discard()
             return
+        if self._mem is not None:
+            self._mem.append(bytes(data))
+            if self.size > SPILL:
+                self._spill()
+            return
+        self._compress(data)
+
+    def _spill(self) -> None:
+        """Start the temp file and move what is in memory into it."""
+        pending, self._mem = self._mem or [], None
+        self._comp = zlib.compressobj(level=1)
+        fd, name = tempfile.mkstemp(dir=self.store.tmp, prefix="w-")
+        self._tmp = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        for piece in pending:
+            self._compress(piece)
+
+    def _compress(self, data: bytes) -> None:
         out = self._comp.compress(data)
         if out:
             self._file.write(out)
@@ -107,20 +135,30 @@ class BlobWriter:
         digest = self.digest
         if self.overflow:
             return BlobRef(digest, self.size, 0, False)
+        final = self.store.path_of(digest)
         try:
+            if self._mem is not None:
+                try:
+                    known = os.stat(final)
+                except FileNotFoundError:
+                    self._spill()
+                else:
+                    self._mem = None
+                    return BlobRef(digest, self.size, known.st_size, False)
             tail = self._comp.flush()
             self._file.write(tail)
             self.stored += len(tail)
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            final = self.store.path_of(digest)
             if final.exists():
                 self._tmp.unlink()
+                self._tmp = None
                 return BlobRef(digest, self.size, self.stored, False)
             final.parent.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self._tmp, 0o600)
             os.replace(self._tmp, final)
+            self._tmp = None
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -132,8 +170,12 @@ class BlobWriter:
             raise
 
     def discard(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        self._tmp.unlink(missing_ok=True)
+        self._mem = None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None

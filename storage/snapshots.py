@@ -25,7 +25,7 @@ class SnapshotError(Exception):
 
 
 def valid_id(sid: str) -> bool:
-    return bool(SNAPSHOT_ID.match(sid))
+    return isinstance(sid, str) and SNAPSHOT_ID.fullmatch(sid) is not None  # "$" alone lets "ID\n" through
 
 
 def new_id(taken: set[str], now: datetime | None = None) -> str:

@@ -34,7 +34,8 @@ def iso(t: datetime | None) -> str | None:
         return None
     if t.tzinfo is None:  # SQLite hands back naive datetimes; every stored time is UTC
         t = t.replace(tzinfo=timezone.utc)
-    return t.isoformat()
+    # PostgreSQL hands back times in the session's time zone: always answer in UTC (+00:00).
+    return t.astimezone(timezone.utc).isoformat()
 
 
 @dataclass
@@ -92,6 +93,7 @@ def inconsistency_json(row: InconsistencyRow) -> dict[str, Any]:
 class VerbFilter:
     limit: int | None = None
     after: int | None = None
+    before: int | None = None
     protocol: str | None = None
     verb: str | None = None
     target: str | None = None
@@ -155,6 +157,8 @@ class Timeline:
             stmt: Select = select(VerbRow)
             if f.after is not None:
                 stmt = stmt.where(VerbRow.seq > f.after)
+            if f.before is not None:
+                stmt = stmt.where(VerbRow.seq < f.before)
             if f.protocol:
                 stmt = stmt.where(VerbRow.protocol == f.protocol)
             if f.verb:

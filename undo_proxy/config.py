@@ -71,6 +71,14 @@ class SmtpFrontend:
     listen: HostPort
     upstream: HostPort
     verbs: str
+    hostname: str
+    timeout: float
+    max_message_size: int
+    allow_without_xclient: bool
+    postmaster: str
+    compensation_template: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
 
 
 @dataclass(frozen=True)
@@ -321,11 +329,23 @@ def parse_config(path: Path, data: dict[str, Any]) -> Config:
         s.finish()
     smtp = []
     for s in frontends("smtp"):
+        template = s.get("compensation_template", str, None)
+        cert, key = s.get("tls_cert", str, None), s.get("tls_key", str, None)
+        if bool(cert) != bool(key):
+            s.fail("tls_key" if cert else "tls_cert", "tls_cert and tls_key go together")
         smtp.append(SmtpFrontend(
             name=s.table.get("name", "smtp"),
             listen=s.get("listen", str, convert=parse_host_port),
             upstream=s.get("upstream", str, convert=parse_host_port),
             verbs=s.get("verbs", str, "smtp", convert=_verbs_name),
+            hostname=s.get("hostname", str, "undo-proxy.localdomain"),
+            timeout=s.get("timeout", str, "60s", convert=parse_duration),
+            max_message_size=s.get("max_message_size", int, 35 * 1024 * 1024, convert=_positive),
+            allow_without_xclient=s.get("allow_without_xclient", bool, False),
+            postmaster=s.get("postmaster", str, "postmaster@localhost"),
+            compensation_template=resolve(template) if template else None,
+            tls_cert=resolve(cert) if cert else None,
+            tls_key=resolve(key) if key else None,
         ))
         s.finish()
     imap = []
@@ -398,8 +418,15 @@ verbs = "webdav"                  # "http" | "webdav" | "module.path:Pack"
 # [[smtp]]
 # name = "mail"
 # listen = "127.0.0.1:2525"
-# upstream = "127.0.0.1:25"
+# upstream = "127.0.0.1:25"       # the MTA; it must offer XCLIENT to the proxy
 # verbs = "smtp"
+# hostname = "mail.example.org"   # the name in the greeting
+# max_message_size = 36700160     # SIZE
+# postmaster = "postmaster@example.org"            # sender of explanatory messages
+# compensation_template = "/etc/undo-proxy/mail-explanation.txt"   # Jinja2; a built-in one otherwise
+# allow_without_xclient = false   # true: accept that the MTA sees every client as the proxy (open-relay risk)
+# tls_cert = "/etc/ssl/mail.pem"  # STARTTLS when both are set
+# tls_key = "/etc/ssl/mail.key"
 '''
 
 

@@ -22,6 +22,8 @@ from undo_proxy.gate import Gate
 from undo_proxy.http_proxy import HttpFrontendServer
 from undo_proxy.http_upstream import HttpUpstream
 from undo_proxy.manager import Frontend, UndoManager
+from undo_proxy.smtp_proxy import SmtpFrontendServer
+from undo_proxy.smtp_upstream import SmtpUpstream, XclientMissing
 from verbs.base import load_pack
 
 log = logging.getLogger("undo_proxy")
@@ -59,8 +61,8 @@ async def serve(cfg: Config) -> None:
     if not cfg.admin.token:
         raise ConfigError(f"{cfg.path}: admin.token: required to serve (or admin.token_file)")
     packs = load_packs(cfg)
-    if cfg.smtp or cfg.imap:
-        raise ConfigError(f"{cfg.path}: {'smtp' if cfg.smtp else 'imap'}: this build has no such front-end yet")
+    if cfg.imap:
+        raise ConfigError(f"{cfg.path}: imap: this build has no IMAP front-end yet")
     lock_fd = lock_state_dir(cfg)
     timeline = Timeline(cfg.timeline_url)
     await asyncio.to_thread(timeline.check_schema)
@@ -95,16 +97,34 @@ async def serve(cfg: Config) -> None:
             frontends[fe_cfg.name] = Frontend(fe_cfg.name, packs[fe_cfg.name], upstream, fe_cfg)
             servers.append(HttpFrontendServer(fe_cfg, packs[fe_cfg.name], gate, timeline, committer, blobs,
                                               upstream))
+        smtp_servers: list[SmtpFrontendServer] = []
+        for fe_smtp in cfg.smtp:
+            smtp_upstream = SmtpUpstream(fe_smtp.upstream.host, fe_smtp.upstream.port, fe_smtp.timeout,
+                                         fe_smtp.hostname, require_xclient=not fe_smtp.allow_without_xclient)
+            try:
+                await smtp_upstream.start()
+            except XclientMissing as exc:
+                raise StartupError(f"smtp {fe_smtp.name}: {exc}") from None
+            frontends[fe_smtp.name] = Frontend(fe_smtp.name, packs[fe_smtp.name], smtp_upstream, fe_smtp)
+            smtp_servers.append(SmtpFrontendServer(fe_smtp, packs[fe_smtp.name], gate, committer, blobs,
+                                                   smtp_upstream))
         manager = UndoManager(cfg, timeline, committer, gate, blobs, backend, frontends)
         await manager.recover()
+        gate.on_mutation = manager.note_mutation
         for server in servers:
-            server.on_mutation = manager.note_mutation
             try:
                 await server.start()
             except OSError as exc:
                 raise StartupError(f"http {server.cfg.name}: cannot listen on {server.cfg.listen}: "
                                    f"{exc.strerror}") from None
             stack.push_async_callback(server.stop)
+        for smtp_server in smtp_servers:
+            try:
+                await smtp_server.start()
+            except OSError as exc:
+                raise StartupError(f"smtp {smtp_server.cfg.name}: cannot listen on {smtp_server.cfg.listen}: "
+                                   f"{exc.strerror}") from None
+            stack.push_async_callback(smtp_server.stop)
 
         admin_runner = web.AppRunner(make_admin_app(AdminApi(manager, cfg.admin.token)), access_log=None)
         await admin_runner.setup()

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 
 class Refused(Exception):
@@ -26,6 +26,7 @@ class Gate:
         self._quiesce_lock = asyncio.Lock()
         self.mutations_since_snapshot = 0
         self.last_pause_ms = 0.0
+        self.on_mutation: Callable[[], None] | None = None  # the every_verbs scheduler listens here
 
     @property
     def refusing(self) -> bool:
@@ -49,6 +50,8 @@ class Gate:
                 acquired.append(lock)
             yield
             self.mutations_since_snapshot += 1
+            if self.on_mutation:
+                self.on_mutation()
         finally:
             for lock in reversed(acquired):
                 lock.release()

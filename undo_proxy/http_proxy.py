@@ -68,7 +68,6 @@ class HttpFrontendServer:
         self.cfg, self.pack, self.gate = cfg, pack, gate
         self.timeline, self.committer, self.blobs, self.upstream = timeline, committer, blobs, upstream
         self.runner: web.ServerRunner | None = None
-        self.on_mutation: Any = None  # callback for the every_verbs scheduler
 
     async def start(self) -> None:
         server = _Server(self.handle, max_line_size=8190, max_field_size=8190, max_headers=100,
@@ -225,8 +224,6 @@ class HttpFrontendServer:
             log.error("verb %d reached the upstream but its outcome cannot be recorded: %s", seq, exc)
             return _unrecordable()
         metrics.VERBS.labels("http", "committed").inc()
-        if self.on_mutation:
-            self.on_mutation()
         return await self._send_buffered(request, buffered)
 
     async def _finish_failed(self, intent: Intent, seq: int, err: UpstreamError) -> web.StreamResponse:

@@ -14,7 +14,7 @@ from storage.blobs import BlobStore
 from storage.db import TimelineUnavailable
 from storage.models import VerbRow
 from storage.snapshots import SnapshotBackend, SnapshotError, new_id, valid_id
-from storage.timeline import GroupCommitter, NewVerb, Timeline, mode_of
+from storage.timeline import GroupCommitter, NewVerb, Timeline, iso, mode_of
 from undo_proxy import metrics
 from undo_proxy.config import Config
 from undo_proxy.gate import Gate
@@ -46,7 +46,7 @@ def recorded(row: VerbRow) -> RecordedVerb:
     return RecordedVerb(seq=row.seq, verb=row.verb, protocol=row.protocol, frontend=row.frontend,
                         targets=list(row.targets), mutates=bool(row.mutates), status=row.status,
                         origin=row.origin, cycle=row.cycle, original_seq=row.original_seq,
-                        summary=row.summary, request=row.request, output=row.output)
+                        summary=row.summary, request=row.request, output=row.output, time=iso(row.time))
 
 
 def parse_time(text: str) -> datetime:
@@ -494,7 +494,7 @@ class UndoManager:
             if fe is None:
                 state, detail = "failed", "its front-end is no longer configured"
             else:
-                result = await fe.pack.compensate(item, recorded(row), fe.settings)
+                result = await fe.pack.compensate(item, recorded(row), fe)
                 state, detail = result.state, result.detail
             metrics.COMPENSATIONS.labels(state).inc()
             await self.db(self.timeline.set_compensation, item["id"], state, detail)

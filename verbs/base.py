@@ -37,6 +37,7 @@ class RecordedVerb:
     summary: str
     request: dict[str, Any]
     output: dict[str, Any] | None
+    time: str | None = None
 
 
 @dataclass
@@ -79,7 +80,7 @@ class VerbPack(Protocol):
     async def replay(self, verb: RecordedVerb, ctx: ReplayContext) -> ReplayResult: ...
 
     async def compensate(self, inconsistency: dict[str, Any], verb: RecordedVerb,
-                         settings: Any) -> CompensationResult: ...
+                         frontend: Any) -> CompensationResult: ...
 
     def conflicts(self, a: list[str], b: list[str]) -> bool: ...
 
@@ -106,6 +107,7 @@ def normalize_path(raw: str) -> str:
 BUILTIN_PACKS = {
     "http": "verbs.http:HttpPack",
     "webdav": "verbs.webdav:WebdavPack",
+    "smtp": "verbs.smtp:SmtpPack",
 }
 
 

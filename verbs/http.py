@@ -159,9 +159,9 @@ class HttpPack:
 
     # --- compensate --------------------------------------------------------------------------
     async def compensate(self, inconsistency: dict[str, Any], verb: RecordedVerb,
-                         settings: Any) -> CompensationResult:
+                         frontend: Any) -> CompensationResult:
         """POST the inconsistency to the front-end's webhook; without one, the operator acknowledges."""
-        webhook = getattr(settings, "compensation_webhook", None)
+        webhook = getattr(frontend.settings, "compensation_webhook", None)
         if not webhook:
             return CompensationResult("acknowledged", "acknowledged by the operator (no webhook configured)")
         import aiohttp
