@@ -253,9 +253,11 @@ def cmd_compensate(args: argparse.Namespace, cfg: Config) -> None:
         die(2, "name inconsistency ids, or --all")
     items = api(cfg, "POST", "/api/compensate", {"ids": args.ids} if args.ids else {"all": True}, timeout=None)
     if args.json:
-        return emit_json(items)
-    for i in items:
-        out.print(f"inconsistency {i['id']} (verb {i['seq']}): {i['compensation']} {i.get('compensation_detail') or ''}")
+        emit_json(items)  # and still exit 1 below when one failed
+    else:
+        for i in items:
+            out.print(f"inconsistency {i['id']} (verb {i['seq']}): {i['compensation']} "
+                      f"{i.get('compensation_detail') or ''}")
     if any(i["compensation"] == "failed" for i in items):
         die(1, "some compensations failed; run `compensate` again to retry them")
 
@@ -306,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("cancel", parents=[common, js], help="abandon the cycle, restore the pre-rewind state")
     s = sub.add_parser("inconsistencies", parents=[common, js], help="external inconsistencies found by replay")
     s.add_argument("--cycle", type=int, metavar="ID")
+    s = sub.add_parser("demo", parents=[common], help="a whole undo cycle on real backends, verified")
+    s.add_argument("--workdir", metavar="DIR", help="an empty or new directory (default: a temporary one)")
+    s.add_argument("--keep", action="store_true", help="leave everything running at the end")
     s = sub.add_parser("compensate", parents=[common, js], help="run compensations")
     s.add_argument("ids", nargs="*", type=int)
     s.add_argument("--all", action="store_true")
@@ -331,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             cmd_init(args)
             return 0
+        if args.command == "demo":
+            from undo_proxy.demo import DemoError, run_demo
+            try:
+                return run_demo(args.workdir, args.keep)
+            except DemoError as exc:
+                die(1, f"demo: {exc}")
         try:
             cfg = load_config(find_config_path(getattr(args, "config", None)))
         except ConfigError as exc:
