@@ -162,7 +162,8 @@ class _Section:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__.replace("str", "string").replace("int", "integer") for k in kinds)
-            self.fail(key, f"must be a {wanted}, not {type(value).__name__} {value!r}")
+            article = "an" if wanted[0] in "aeiou" else "a"
+            self.fail(key, f"must be {article} {wanted}, not {type(value).__name__} {value!r}")
         if convert is None:
             return value
         try:
@@ -288,15 +289,21 @@ def parse_config(path: Path, data: dict[str, Any]) -> Config:
     listen = ad.get("listen", str, "127.0.0.1:8700", convert=parse_host_port)
     token = ad.get("token", str, None)
     token_file = ad.get("token_file", str, None)
-    if token and token_file:
-        ad.fail("token_file", "set either token or token_file, not both")
+    token_env = ad.get("token_env", str, None)
+    if sum(x is not None for x in (token, token_file, token_env)) > 1:
+        ad.fail("token_file" if token_file else "token_env", "set one of token, token_file and token_env")
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            ad.fail("token_env", f"the environment variable {token_env} is not set")
     if token_file:
         try:
             token = resolve(token_file).read_text().strip()
         except OSError as exc:
             ad.fail("token_file", f"cannot read {token_file}: {exc.strerror}")
     if token is not None and len(token) < 8:
-        ad.fail("token" if not token_file else "token_file", "the token must be at least 8 characters")
+        ad.fail("token_file" if token_file else "token_env" if token_env else "token",
+                "the token must be at least 8 characters")
     ad.finish()
     admin = AdminConfig(listen=listen, token=token or "")
 
@@ -404,7 +411,8 @@ keep = 48                         # retention: newest N (snapshots an open cycle
 [admin]
 listen = "127.0.0.1:8700"         # JSON API under /api, web UI under /, metrics at /metrics
 token = "{token}"
-# token_file = "/etc/undo-proxy/admin.token"
+# token_file = "/etc/undo-proxy/admin.token"       # or: the token in a file
+# token_env = "UNDO_PROXY_ADMIN_TOKEN"             # or: in an environment variable
 
 [[http]]
 name = "web"

@@ -203,9 +203,9 @@ allow_without_xclient = true
             await hook.cleanup()
 
     async def start_services(self, cfg: Path, volume: Path, rules: Path, ports: dict[str, int]) -> None:
-        wsgidav = Path(sys.executable).with_name("wsgidav")
-        dav_cmd = [str(wsgidav) if wsgidav.exists() else shutil.which("wsgidav") or "wsgidav"]
-        dav = self.spawn(dav_cmd + ["--host", "127.0.0.1", "--port", str(ports["dav"]), "--root",
+        # Modules of this interpreter, not console scripts: their shebangs may point where another user
+        # cannot follow.
+        dav = self.spawn([sys.executable, "-m", "wsgidav.server.server_cli", "--host", "127.0.0.1", "--port", str(ports["dav"]), "--root",
                                     str(volume / "dav"), "--auth", "anonymous", "--no-config", "-q"], "wsgidav.log")
         mta = self.spawn([sys.executable, "-m", "undo_proxy.demo_mta", "--port", str(ports["mta"]), "--maildirs",
                           str(volume / "mail"), "--domain", DOMAIN, "--users", ",".join(USERS),
