@@ -111,20 +111,13 @@ async def serve(cfg: Config) -> None:
         manager = UndoManager(cfg, timeline, committer, gate, blobs, backend, frontends)
         await manager.recover()
         gate.on_mutation = manager.note_mutation
-        for server in servers:
+        for protocol, server in [("http", srv) for srv in servers] + [("smtp", srv) for srv in smtp_servers]:
             try:
                 await server.start()
             except OSError as exc:
-                raise StartupError(f"http {server.cfg.name}: cannot listen on {server.cfg.listen}: "
+                raise StartupError(f"{protocol} {server.cfg.name}: cannot listen on {server.cfg.listen}: "
                                    f"{exc.strerror}") from None
             stack.push_async_callback(server.stop)
-        for smtp_server in smtp_servers:
-            try:
-                await smtp_server.start()
-            except OSError as exc:
-                raise StartupError(f"smtp {smtp_server.cfg.name}: cannot listen on {smtp_server.cfg.listen}: "
-                                   f"{exc.strerror}") from None
-            stack.push_async_callback(smtp_server.stop)
 
         admin_runner = web.AppRunner(make_admin_app(AdminApi(manager, cfg.admin.token)), access_log=None)
         await admin_runner.setup()
