@@ -4,15 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 import migrations
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# Alembic is imported where it is used: every CLI call would otherwise pay for it.
 MIGRATIONS_DIR = Path(migrations.__file__).parent
 
 
@@ -68,7 +70,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def alembic_config(url: str) -> AlembicConfig:
+def alembic_config(url: str) -> "AlembicConfig":
+    from alembic.config import Config as AlembicConfig
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
@@ -77,6 +80,7 @@ def alembic_config(url: str) -> AlembicConfig:
 
 def upgrade(url: str) -> str:
     """Bring the schema to the newest revision; returns that revision."""
+    from alembic import command
     engine = make_engine(url)
     try:
         with engine.begin() as conn:
@@ -89,9 +93,11 @@ def upgrade(url: str) -> str:
 
 
 def head_revision(url: str) -> str:
+    from alembic.script import ScriptDirectory
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head() or ""
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
