@@ -109,12 +109,18 @@ class SnapshotBackend(ABC):
         _rename(self.volume, aside, "the volume")
         try:
             await self._clone_writable(source, self.volume)
+            await self._set_readonly(aside, True)
         except BaseException:
             if self.volume.exists():
-                await self._discard(self.volume)
+                # Out of the way first (a rename always works), then discarded if the tools still work.
+                failed = self.store / f".failed-{pre_rewind}"
+                _rename(self.volume, failed, "the half-made volume")
+                try:
+                    await self._discard(failed)
+                except SnapshotError:
+                    pass  # left in the store, hidden; the volume itself comes back below
             _rename(aside, self.volume, "the volume back")
             raise
-        await self._set_readonly(aside, True)
 
     async def restore(self, pre_rewind: str) -> None:
         """Cancel: the pre-rewind volume comes back exactly; the rewound one is discarded."""
@@ -124,17 +130,20 @@ class SnapshotBackend(ABC):
                 return  # the rewind never set the volume aside: nothing to undo
             raise SnapshotError(f"the pre-rewind state {kept} is missing")
         trash = self.store / f".discard-{pre_rewind}"
+        await self._set_readonly(kept, False)  # before anything moves: if this fails, nothing has changed
         if self.volume.exists():
             _rename(self.volume, trash, "the rewound volume")
         try:
-            await self._set_readonly(kept, False)
             _rename(kept, self.volume, "the pre-rewind state")
         except BaseException:
             if trash.exists() and not self.volume.exists():
                 _rename(trash, self.volume, "the rewound volume back")
             raise
         if trash.exists():
-            await self._discard(trash)
+            try:
+                await self._discard(trash)
+            except SnapshotError:
+                pass  # the pre-rewind state is back; the discarded volume stays hidden in the store
 
 
 class BtrfsBackend(SnapshotBackend):

@@ -122,6 +122,7 @@ class UndoManager:
                 path = await backend.take(sid)
             except SnapshotError as exc:
                 metrics.SNAPSHOT_FAILURES.labels("take").inc()
+                log.error("snapshot %s failed: %s", sid, exc)
                 raise OperationError(500, str(exc)) from None
             duration = time.perf_counter() - t0
             self.gate.mutations_since_snapshot = 0
@@ -263,6 +264,8 @@ class UndoManager:
                     await self._service("start")
                 except (OperationError, SnapshotError, TimelineUnavailable) as exc:
                     message = exc.message if isinstance(exc, OperationError) else str(exc)
+                    metrics.SNAPSHOT_FAILURES.labels("rewind").inc()
+                    log.error("cycle %d: rewind failed, bringing the volume back: %s", cid, message)
                     cycle = await self.db(self.timeline.cycle, cid)
                     await self._restore(cycle, error=f"rewind failed: {message}")
                     self.gate.mode = "live"
@@ -285,6 +288,8 @@ class UndoManager:
         try:
             await backend.restore(cycle["pre_rewind_snapshot"])
         except SnapshotError as exc:
+            metrics.SNAPSHOT_FAILURES.labels("restore").inc()
+            log.error("cycle %d: cannot bring the pre-rewind state back (the cycle stays open): %s", cid, exc)
             await self.db(lambda: self.timeline.update_cycle(cid, error=f"cancel failed: {exc}"))
             raise OperationError(500, f"cancel failed: {exc}; the cycle stays open, retry `cancel`") from None
         await self._service("start")
@@ -328,7 +333,7 @@ class UndoManager:
                 raise OperationError(400, f"cannot skip {', '.join(map(str, bad))}: not among the verbs after the "
                                           f"rewind point ({cycle['rewind_to_seq']}) in this cycle")
             skipped = sorted(set(skip) | set(cycle["skipped"]))
-            done = await self.db(self.timeline.replayed_originals, cid)
+            done = await self.db(self.timeline.replayed_originals, cid) & candidates  # not the @SEQ prefix
             todo = [v for v in verbs if v.seq not in skipped and v.seq not in done]
             await self.db(lambda: self.timeline.update_cycle(
                 cid, state="replaying", skipped=skipped, to_replay=len(verbs) - len(skipped)))
@@ -408,11 +413,15 @@ class UndoManager:
 
         def record(s: Any) -> None:
             rseq = replay_seq
+            targets = result.targets or base["targets"]
             if rseq is None:
                 rseq = Timeline.insert_verb(s, NewVerb(summary=result.summary, request=result.request,
-                                                       status=result.status, output=result.output, **base))
+                                                       status=result.status, output=result.output,
+                                                       **dict(base, targets=targets)))
             else:
                 Timeline.finish_verb(s, rseq, result.status, result.output, result.summary)
+                if result.request != row.request or targets != base["targets"]:
+                    Timeline.set_request(s, rseq, result.request, targets)
             if finding is not None:
                 Timeline.insert_inconsistency(s, cycle=cid, seq=row.seq, replay_seq=rseq, verb=row.verb,
                                               kind=finding.kind, detail=finding.detail, compensation="pending")
@@ -438,16 +447,7 @@ class UndoManager:
             cycle = await self._open_cycle("review")
             cid = cycle["id"]
 
-            def close(s: Any) -> None:
-                from sqlalchemy import update
-
-                from storage.models import CycleRow, SnapshotRow
-                s.execute(update(SnapshotRow).where(SnapshotRow.after_seq > cycle["base_seq"],
-                                                    SnapshotRow.after_seq <= cycle["end_seq"])
-                          .values(valid=False))
-                s.execute(update(CycleRow).where(CycleRow.id == cid)
-                          .values(state="committed", closed=datetime.now(timezone.utc)))
-            await self.committer.write(close)
+            await self.committer.write(lambda s: Timeline.commit_cycle(s, cycle))
             self.gate.mode = "live"
             metrics.MODE.set(0)
             log.info("cycle %d committed; live traffic resumes", cid)

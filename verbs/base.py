@@ -53,6 +53,7 @@ class ReplayResult:
     output: dict[str, Any]
     summary: str
     request: dict[str, Any]   # the request as re-issued (after name translation)
+    targets: list[str] | None = None  # its logical targets, when translation changed them
 
 
 @dataclass
@@ -108,6 +109,7 @@ BUILTIN_PACKS = {
     "http": "verbs.http:HttpPack",
     "webdav": "verbs.webdav:WebdavPack",
     "smtp": "verbs.smtp:SmtpPack",
+    "imap": "verbs.imap:ImapPack",
 }
 
 

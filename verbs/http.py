@@ -96,6 +96,8 @@ class HttpPack:
                 return Finding("output-changed",
                                f"{original.summary.split(' -> ')[0]}: the client saw {b_status}, "
                                f"replay answers {n_status}")
+            if (b_status or 0) >= 400:
+                return None  # the same error both times: error pages are generated (WsgiDAV's carry a timestamp)
             if self.check_digest(original, before) != self.check_digest(original, now):
                 return Finding("output-changed",
                                f"{original.summary.split(' -> ')[0]}: the body the client saw "
@@ -147,15 +149,17 @@ class HttpPack:
 
     async def replay(self, verb: RecordedVerb, ctx: ReplayContext) -> ReplayResult:
         request = self.translate(verb.request, ctx.names)
+        targets = self.targets(HttpRequestHead(request["method"], request["path"], request.get("version", "1.1"),
+                                               [(k, v) for k, v in request["headers"]], request.get("client", "")))
         body = request.get("body")
         data = ctx.blobs.read(body["digest"]) if body and body.get("stored") else None
         result = await ctx.upstream.exchange(request, data, ctx.blobs, self)
         if result.output is None:
             return ReplayResult("failed", {"error": result.error}, self.summary(verb.summary.split(" -> ")[0],
-                                                                                None, result.error), request)
+                                                                                None, result.error), request, targets)
         self.learn_names(verb.output, result.output, ctx.names)
         return ReplayResult("committed", result.output,
-                            self.summary(verb.summary.split(" -> ")[0], result.output), request)
+                            self.summary(verb.summary.split(" -> ")[0], result.output), request, targets)
 
     # --- compensate --------------------------------------------------------------------------
     async def compensate(self, inconsistency: dict[str, Any], verb: RecordedVerb,
