@@ -130,6 +130,18 @@ class BlobWriter:
     def digest(self) -> str:
         return self.hasher.hexdigest()
 
+    def known(self) -> BlobRef | None:
+        """The finished blob's reference if a small body's content is already stored (one stat: cheap
+        enough for the event loop), else None and `finish()` has the work to do."""
+        if self._mem is None or self.overflow:
+            return None
+        try:
+            st = os.stat(self.store.path_of(self.digest))
+        except FileNotFoundError:
+            return None
+        self._mem = None
+        return BlobRef(self.digest, self.size, st.st_size, False)
+
     def finish(self) -> BlobRef:
         """Make the blob durable under its digest. Raises OSError (e.g. ENOSPC) without leaving debris."""
         digest = self.digest

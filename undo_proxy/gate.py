@@ -15,7 +15,8 @@ class Refused(Exception):
 
 class Gate:
     def __init__(self) -> None:
-        self.mode = "live"            # "live" | "rewound" | "replaying" | "review"
+        self._mode = "live"           # "live" | "rewound" | "replaying" | "review"
+        self.epoch = 0                # +1 at every mode change: caches of server-chosen ids key on it
         self._inflight = 0
         self._held = False
         self._idle = asyncio.Event()
@@ -27,6 +28,16 @@ class Gate:
         self.mutations_since_snapshot = 0
         self.last_pause_ms = 0.0
         self.on_mutation: Callable[[], None] | None = None  # the every_verbs scheduler listens here
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value != self._mode:
+            self.epoch += 1
+        self._mode = value
 
     @property
     def refusing(self) -> bool:

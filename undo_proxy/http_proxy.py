@@ -8,11 +8,13 @@ Reads stream straight through and are recorded in batches as they finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from yarl import URL
 
 from storage.blobs import BlobStore
 from storage.db import TimelineUnavailable
@@ -21,7 +23,7 @@ from undo_proxy import metrics
 from undo_proxy.config import HttpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.http_upstream import (READ_BODY_STORE_LIMIT, BufferedResponse, HttpUpstream, UpstreamError,
-                                      classify, decoded_headers, read_whole, strip_hop_by_hop)
+                                      classify, decoded_headers, read_whole, strip_hop_by_hop, utf8_fields)
 from verbs.base import Intent
 from verbs.http import HttpRequestHead
 
@@ -33,7 +35,7 @@ _RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 class _Handler(web_protocol.RequestHandler):
     """aiohttp's connection handler with the status codes of RFC 9110/6585 for oversized requests, and one
-    log line instead of a stack trace per malformed request."""
+    log line instead of a stack trace per malformed request or per client that went away."""
 
     def handle_error(self, request, status=500, exc=None, message=None):  # noqa: ANN001, ANN201
         if isinstance(exc, LineTooLong):
@@ -45,6 +47,11 @@ class _Handler(web_protocol.RequestHandler):
             metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
             log.info("refused a malformed request from %s: %s", _peer(request), str(exc)[:200])
             resp = web.Response(status=status, text=f"{status} {message or 'Bad Request'}\n")
+            resp.force_close()
+            return resp
+        if isinstance(exc, ConnectionError):  # the client went away before its answer: nothing to tell it
+            log.info("client %s went away before its response was sent", _peer(request))
+            resp = web.Response(status=status)
             resp.force_close()
             return resp
         return super().handle_error(request, status, exc, message)
@@ -70,8 +77,10 @@ class HttpFrontendServer:
         self.runner: web.ServerRunner | None = None
 
     async def start(self) -> None:
+        # keepalive_timeout also bounds how long a client may take to send a request's headers (aiohttp
+        # closes a connection still waiting for a whole request when it expires): slowloris is cut off.
         server = _Server(self.handle, max_line_size=8190, max_field_size=8190, max_headers=100,
-                         handler_cancellation=False)
+                         handler_cancellation=False, keepalive_timeout=self.cfg.client_timeout)
         self.runner = web.ServerRunner(server, shutdown_timeout=5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.listen.host, self.cfg.listen.port, reuse_address=True)
@@ -88,12 +97,18 @@ class HttpFrontendServer:
         if self.gate.refusing:
             return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
                           {"Retry-After": RETRY_AFTER})
+        if not utf8_fields(request.raw_headers):
+            # It could only be passed on re-encoded, i.e. not as the client sent it and as it is recorded.
+            metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
+            log.info("refused a request from %s: a header field is not UTF-8", _peer(request))
+            return _plain(400, "400 Bad Request: header fields must be ASCII or UTF-8\n", close=True)
+        raw_path = _origin_form(request.raw_path)
+        if raw_path is None:
+            return _plain(400, "400 Bad Request: unsupported request target\n")
         head = HttpRequestHead(
-            method=request.method, raw_path=request.raw_path, version=f"{request.version.major}.{request.version.minor}",
+            method=request.method, raw_path=raw_path, version=f"{request.version.major}.{request.version.minor}",
             headers=strip_hop_by_hop(decoded_headers(request.raw_headers)),
             client=_peer(request))
-        if head.raw_path.startswith("*") or not (head.raw_path.startswith("/") or "://" in head.raw_path):
-            return _plain(400, "400 Bad Request: unsupported request target\n")
         intent: Intent = self.pack.parse(head)
         metrics.VERBS_STARTED.labels("http").inc()
         if intent.mutates:
@@ -106,7 +121,12 @@ class HttpFrontendServer:
                 return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
                               {"Retry-After": RETRY_AFTER})
         if not self.committer.healthy:
-            return _plain(503, "undo-proxy: the timeline cannot be written\n", {"Retry-After": "5"})
+            # The last timeline write failed: until one succeeds, a read's intent is committed before it is
+            # forwarded, like a mutation's. That write is also how the front-end notices the timeline is back.
+            seq = await self._commit_intent(intent)
+            if seq is None:
+                return _plain(503, "undo-proxy: the timeline cannot be written\n", {"Retry-After": "5"})
+            return await self._read(request, intent, seq)
         return await self._read(request, intent)
 
     def _new_verb(self, intent: Intent, **kw: Any) -> NewVerb:
@@ -114,20 +134,24 @@ class HttpFrontendServer:
                        targets=intent.targets, mutates=intent.mutates, summary=intent.summary,
                        request=intent.request, **kw)
 
-    async def _record_aborted(self, intent: Intent, why: str) -> None:
+    async def _record_aborted(self, intent: Intent, why: str, seq: int | None = None) -> None:
         metrics.VERBS.labels("http", "aborted").inc()
         verb = self._new_verb(intent, status="aborted", output={"error": why})
         verb.summary = self.pack.summary(intent.summary, None, why)
-        self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
+        self._record_finished(verb, seq)
 
     async def _store_body(self, request: web.BaseRequest) -> dict[str, Any]:
+        """Raises _Unrecordable when the blob store cannot be written (disk full: as if the timeline were
+        down), _TooLarge, or what reading the client's body raised."""
         writer = self.blobs.writer()
         try:
-            while chunk := await request.content.readany():
-                writer.write(chunk)
+            while chunk := await asyncio.wait_for(request.content.readany(), self.cfg.client_timeout):
+                with _blob_store_errors():
+                    writer.write(chunk)
                 if writer.size > self.cfg.max_body:
                     raise _TooLarge()
-            ref = await asyncio.to_thread(writer.finish)
+            with _blob_store_errors():
+                ref = await asyncio.to_thread(writer.finish)
         except BaseException:
             writer.discard()
             raise
@@ -142,6 +166,16 @@ class HttpFrontendServer:
             intent.request["body"] = await self._store_body(request)
         except _TooLarge:
             return _plain(413, "413 Content Too Large\n", close=True)
+        except _Unrecordable as exc:
+            metrics.FRONTEND_ERRORS.labels("http", "timeline").inc()
+            log.error("refusing %s: %s", intent.summary, exc)
+            self.committer.healthy = False  # reads now commit their intent first, and so find out when it is back
+            return _unrecordable()
+        except asyncio.TimeoutError:  # the body stalled for client_timeout: free the connection
+            metrics.FRONTEND_ERRORS.labels("http", "client-timeout").inc()
+            log.info("%s: the client sent no body for %.0f s; closing", intent.summary, self.cfg.client_timeout)
+            await self._record_aborted(intent, "the client stopped sending the body")
+            return _plain(408, "408 Request Timeout\n", close=True)
         except (ConnectionError, asyncio.CancelledError, Exception) as exc:  # client gone mid-body
             await self._record_aborted(intent, f"client went away while sending the body ({exc.__class__.__name__})")
             raise web.HTTPBadRequest() if not isinstance(exc, asyncio.CancelledError) else exc
@@ -159,7 +193,11 @@ class HttpFrontendServer:
 
         async def body_after_continue() -> AsyncIterator[bytes]:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            intent.request["body"] = await self._store_body(request)
+            try:
+                intent.request["body"] = await self._store_body(request)
+            except _Unrecordable:
+                state["unrecordable"] = True
+                raise
             seq = await self._commit_intent(intent)
             if seq is None:
                 state["unrecordable"] = True
@@ -267,33 +305,66 @@ class HttpFrontendServer:
         return resp
 
     # --- reads -------------------------------------------------------------------------------
-    async def _read(self, request: web.BaseRequest, intent: Intent) -> web.StreamResponse:
+    async def _read(self, request: web.BaseRequest, intent: Intent, seq: int | None = None) -> web.StreamResponse:
+        """Stream the answer through. The verb is queued for the timeline before the client can have the
+        whole answer (before the bytes that complete the body, or the end of a chunked one), so a client's
+        next request is always recorded after this one and replay sees them in the order the client did.
+        `seq`: the read's intent was committed first (the timeline had failed); its outcome completes it."""
         writer = self.blobs.writer(limit=READ_BODY_STORE_LIMIT)
         kept: list[bytes] = []
         resp: web.StreamResponse | None = None
+        recorded = False
         has_body = request.body_exists
         data = _client_stream(request) if has_body else None
+
+        async def record(up_status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+            nonlocal recorded
+            stored = not writer.overflow
+            try:
+                ref = writer.known() or await asyncio.to_thread(writer.finish)
+                digest, size = ref.digest, ref.size
+            except OSError as exc:  # the blob store is full: replay compares a read's digest anyway
+                log.warning("%s: the body is not kept: %s", intent.summary, exc)
+                digest, size, stored = writer.digest, writer.size, False
+            output = self.pack.output(up_status, reason, headers, digest, size, stored,
+                                      request.method, body=b"".join(kept) if stored else None)
+            verb = self._new_verb(intent, status="committed", output=output)
+            verb.summary = self.pack.summary(intent.summary, output)
+            self._record_finished(verb, seq)
+            metrics.VERBS.labels("http", "committed").inc()
+            recorded = True
+
         try:
             async with self.upstream.open(intent.request, data) as up:
-                resp = self._response_head(up.status, up.reason or "", decoded_headers(up.raw_headers),
-                                           request.method)
+                status, reason, headers = up.status, up.reason or "", decoded_headers(up.raw_headers)
+                resp = self._response_head(status, reason, headers, request.method)
                 length = up.headers.get("Content-Length")
-                if request.method != "HEAD" and length is not None and length.isdigit():
-                    resp.content_length = int(length)
+                expected = int(length) if length is not None and length.isdigit() else None
+                if request.method != "HEAD" and expected is not None:
+                    resp.content_length = expected
+                no_body = request.method == "HEAD" or status in (204, 304) or expected == 0
                 try:
+                    if no_body:
+                        await record(status, reason, headers)
                     await resp.prepare(request)
-                    if request.method != "HEAD":
+                    if not no_body:
+                        sent = 0
                         async for chunk in up.content.iter_any():
                             writer.write(chunk)
                             if not writer.overflow:
                                 kept.append(chunk)
+                            sent += len(chunk)
+                            if expected is not None and sent >= expected:
+                                await record(status, reason, headers)
                             await resp.write(chunk)
+                    if not recorded:
+                        await record(status, reason, headers)
                     await resp.write_eof()
                 except (ConnectionError, RuntimeError) as exc:
-                    writer.discard()
-                    await self._record_aborted(intent, f"client went away ({exc.__class__.__name__})")
+                    if not recorded:
+                        writer.discard()
+                        await self._record_aborted(intent, f"client went away ({exc.__class__.__name__})", seq)
                     raise ConnectionResetError() from None
-                status, reason, headers = up.status, up.reason or "", decoded_headers(up.raw_headers)
         except ConnectionResetError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -302,18 +373,19 @@ class HttpFrontendServer:
             metrics.VERBS.labels("http", "failed").inc()
             verb = self._new_verb(intent, status="failed", output={"error": err.reason, "status": err.status})
             verb.summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
-            self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
+            self._record_finished(verb, seq)
             if resp is not None and resp.prepared:
                 raise ConnectionResetError() from None  # headers already sent: all we can do is cut it
             return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
-        ref = await asyncio.to_thread(writer.finish)
-        output = self.pack.output(status, reason, headers, ref.digest, ref.size, not writer.overflow,
-                                  request.method, body=b"".join(kept) if not writer.overflow else None)
-        verb = self._new_verb(intent, status="committed", output=output)
-        verb.summary = self.pack.summary(intent.summary, output)
-        self.committer.submit_nowait(lambda s: Timeline.insert_verb(s, verb))
-        metrics.VERBS.labels("http", "committed").inc()
         return resp
+
+    def _record_finished(self, verb: NewVerb, seq: int | None) -> None:
+        """Queue a finished verb's record (batched, nobody waits), or complete its committed intent."""
+        if seq is None:
+            self.committer.record_nowait(verb)
+        else:
+            self.committer.submit_nowait(
+                lambda s: Timeline.finish_verb(s, seq, verb.status, verb.output, verb.summary))
 
 
 class _TooLarge(Exception):
@@ -322,6 +394,32 @@ class _TooLarge(Exception):
 
 class _Unrecordable(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _blob_store_errors() -> Iterator[None]:
+    """An OSError of the blob store (ENOSPC, EIO) is not the client's fault: the verb cannot be recorded."""
+    try:
+        yield
+    except OSError as exc:
+        raise _Unrecordable(f"the blob store cannot be written: {exc}") from exc
+
+
+def _origin_form(target: str) -> str | None:
+    """The request target as path and query, exactly as sent. An absolute-form target (RFC 9112 3.2.2) is
+    reduced to its path and query: the upstream is fixed by the configuration, never named by the client
+    (pasted onto the upstream's URL, the client's scheme and authority could change the host connected to).
+    None when it is neither (authority-form, asterisk-form)."""
+    if target.startswith("/"):
+        return target
+    try:
+        url = URL(target, encoded=True)
+    except ValueError:
+        return None
+    if url.scheme.lower() not in ("http", "https") or not url.raw_host:
+        return None
+    path = url.raw_path or "/"
+    return path + (f"?{url.raw_query_string}" if url.raw_query_string else "")
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None, close: bool = False) -> web.Response:

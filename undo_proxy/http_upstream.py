@@ -30,8 +30,27 @@ class UpstreamError(Exception):
 
 
 def decoded_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
-    """Header fields in order, repeated names kept, bytes kept as latin-1 (RFC 9110 5.5)."""
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+    """Header fields in order, repeated names kept. aiohttp sends header text on as UTF-8, so a field that
+    is UTF-8 is decoded as such (it goes on byte for byte); any other bytes as latin-1 (RFC 9110 5.5)."""
+    return [(_field_text(k), _field_text(v)) for k, v in raw]
+
+
+def _field_text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def utf8_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """True when every field is UTF-8, i.e. would reach the upstream exactly as the client sent it."""
+    try:
+        for k, v in raw:
+            k.decode("utf-8")
+            v.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -131,7 +150,7 @@ async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> Buffered
             if kept_size <= KEEP_IN_MEMORY:
                 kept.append(chunk)
                 kept_size += len(chunk)
-        ref = await asyncio.to_thread(writer.finish)
+        ref = writer.known() or await asyncio.to_thread(writer.finish)
     except BaseException:
         writer.discard()
         raise
