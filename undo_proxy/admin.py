@@ -1,4 +1,5 @@
-"""The admin listener: the JSON API under /api (bearer token), Prometheus metrics at /metrics."""
+"""The admin listener: the JSON API under /api (bearer token), Prometheus metrics at /metrics, and the web
+UI (undo_proxy.ui) everywhere else."""
 from __future__ import annotations
 
 import hmac
@@ -22,7 +23,9 @@ def error(status: int, message: str) -> web.Response:
 
 
 def token_ok(given: str | None, token: str) -> bool:
-    return bool(token) and given is not None and hmac.compare_digest(given.encode(), token.encode())
+    # surrogateescape: header bytes that are not UTF-8 come back as they were sent (and simply do not match)
+    return bool(token) and given is not None and hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                                                     token.encode())
 
 
 def bearer(request: web.Request) -> str | None:
@@ -39,6 +42,8 @@ def _int(value: str | None, name: str) -> int | None:
         raise OperationError(400, f"{name} must be a whole number, not {value!r}") from None
     if n < 0:
         raise OperationError(400, f"{name} must not be negative")
+    if n >= 1 << 63:  # beyond any database's integers
+        raise OperationError(400, f"{name} is too large")
     return n
 
 
@@ -183,4 +188,7 @@ def make_admin_app(api: AdminApi) -> web.Application:
             return error(401, "a valid admin token is required")
         return error(404, f"no route {request.method} {request.path}")
     app.router.add_route("*", "/api/{tail:.*}", api_not_found)
+    from undo_proxy import ui  # the web UI builds on this module
+
+    ui.mount(app, api)
     return app
