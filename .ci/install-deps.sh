@@ -14,8 +14,11 @@ PACKAGES=(
   curl
   wrk
   nginx
+  postfix
   swaks
   sqlite3
+  chromium
+  dovecot-imapd   # the IMAP tests' backend (imaptest is not packaged in Debian 12: aioimaplib is the load client)
 )
 
 SUDO=""
@@ -24,6 +27,8 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 
 $SUDO apt-get update
+# Postfix asks how to configure itself; the tests run their own private instance (tests/mail.py).
+echo "postfix postfix/main_mailer_type select Local only" | $SUDO debconf-set-selections
 $SUDO apt-get install -y \
   -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
   "${PACKAGES[@]}"
@@ -40,6 +45,8 @@ stop_service() {
 }
 stop_service postgresql
 stop_service nginx
+stop_service postfix
+stop_service dovecot
 
 # Without a working init the packages' own start attempts may still leave
 # daemons behind; stop Debian clusters explicitly and give nginx a quit.

@@ -6,6 +6,7 @@ committed before the client hears the MTA's reply. So the proxy can never accept
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ class Transaction:
     upstream: UpstreamSession | None = None
     replies: dict[str, list[Any]] = field(default_factory=dict)   # every RCPT tried -> upstream reply
     mail_reply: list[Any] | None = None
-    in_data: bool = False
+    in_data: bool = False           # between DATA and the end of its reply
+    data_handled: bool = False      # the whole message arrived (handle_DATA ran)
+    delivery: asyncio.Task | None = None
 
 
 class UndoSMTP(SMTP):
@@ -42,11 +45,36 @@ class UndoSMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         tx = self.event_handler.tx(self.session)
-        tx.in_data = True
+        tx.in_data, tx.data_handled = True, False
         try:
             await super().smtp_DATA(arg)
-        finally:
+        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+            raise  # the client went away: in_data stays set so that session_over records the attempt
+        except BaseException:
             tx.in_data = False
+            raise
+        tx.in_data = False
+        if not tx.data_handled and self.envelope is not None and self.envelope.mail_from is None:
+            # aiosmtpd refused the data itself (line too long, message too big) and ended the client's
+            # transaction: end the upstream one too, or the client's next MAIL would be a nested MAIL there.
+            await self.event_handler._reset_upstream(tx)
+
+    def eof_received(self) -> bool | None:
+        """The client shut its side. aiosmtpd would end the session at once and drop the commands still
+        buffered: a client that pipelines its last commands and QUIT (RFC 2920) and then shuts its side
+        would get no answers and no delivery. Read on to the end instead: the session ends at QUIT, or
+        when the input runs out (handle_exception)."""
+        if self.session is None or self.session.ssl is not None or self._reader is None:
+            return super().eof_received()
+        self._reader.feed_eof()
+        return True  # keep the transport open for the answers
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):  # the input ran out: every command was answered
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.4.2 Closing: end of input"
+        return await super().handle_exception(error)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -68,7 +96,9 @@ class SmtpHandler:
         tx = self._tx.pop(id(session), None)
         if tx is None:
             return
-        if tx.in_data and envelope is not None and envelope.mail_from:
+        if tx.delivery is not None:
+            await asyncio.wait([tx.delivery])   # the message arrived whole: its delivery finishes
+        if tx.in_data and not tx.data_handled and envelope is not None and envelope.mail_from:
             # The client went away in the middle of DATA: nothing is forwarded; the attempt is on record.
             metrics.VERBS.labels("smtp", "aborted").inc()
             intent = self.pack.parse(self._envelope_record(session, envelope, tx, None, "(aborted)", False))
@@ -82,7 +112,9 @@ class SmtpHandler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
-        return responses
+        # aiosmtpd reads commands in order from one stream and answers each in turn: pipelining works
+        # (RFC 2920), it just is not advertised by aiosmtpd itself.
+        return responses[:-1] + ["250-PIPELINING"] + responses[-1:]
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -139,6 +171,7 @@ class SmtpHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         tx = self.tx(session)
+        tx.data_handled = True
         content: bytes = envelope.original_content or b""
         if bare_line_ending(content):
             metrics.FRONTEND_ERRORS.labels("smtp", "bare-lf").inc()
@@ -148,21 +181,39 @@ class SmtpHandler:
             return UPSTREAM_DOWN
         domain = self.cfg.hostname
         message, message_id, added = ensure_message_id(content, domain)
-        ref = await asyncio.to_thread(self.blobs.put, message)
-        metrics.BYTES_RECORDED.inc(ref.stored_size if ref.new else 0)
+        digest = hashlib.sha256(message).hexdigest() if len(message) < (1 << 20) else \
+            await asyncio.to_thread(lambda: hashlib.sha256(message).hexdigest())
+        # The blob is made durable while the intent is committed (both before anything is forwarded): one
+        # fsync wait instead of two. A crash in between leaves an intent that never became `committed`, so
+        # nothing ever replays it.
+        stored = asyncio.ensure_future(asyncio.to_thread(self.blobs.put, message))
+        stored.add_done_callback(lambda f: f.cancelled() or f.exception())  # failures are handled in _deliver
         record = self._envelope_record(session, envelope, tx,
-                                       {"digest": ref.digest, "size": ref.size, "stored": True},
+                                       {"digest": digest, "size": len(message), "stored": True},
                                        message_id, added, subject_of(message))
         intent = self.pack.parse(record)
         metrics.VERBS_STARTED.labels("smtp").inc()
+        # Shielded: a client that hangs up after the final dot must not cut the delivery (and the recording
+        # of its outcome) in half; session_over waits for it.
+        tx.delivery = asyncio.ensure_future(self._gated_delivery(tx, intent, message, stored))
         try:
-            async with self.gate.mutation(intent.targets):
-                return await self._deliver(tx, intent, message)
+            return await asyncio.shield(tx.delivery)
+        finally:
+            if tx.delivery.done():
+                tx.delivery = None
+
+    async def _gated_delivery(self, tx: Transaction, intent: Any, message: bytes, stored: asyncio.Future) -> str:
+        # Ordered by Message-ID only, not by recipient: deliveries of different messages to one mailbox
+        # commute (the MTA queues and delivers them in its own order anyway), and holding a per-recipient
+        # lock across a whole SMTP transaction would deliver one message per mailbox at a time.
+        try:
+            async with self.gate.mutation([intent.request["message_id"]]):
+                return await self._deliver(tx, intent, message, stored)
         except Refused:
             await self._reset_upstream(tx)
             return CYCLE_OPEN
 
-    async def _deliver(self, tx: Transaction, intent: Any, message: bytes) -> str:
+    async def _deliver(self, tx: Transaction, intent: Any, message: bytes, stored: asyncio.Future) -> str:
         verb = NewVerb(protocol="smtp", frontend=self.cfg.name, verb=intent.verb, targets=intent.targets,
                        mutates=True, summary=intent.summary, request=intent.request)
         try:
@@ -172,6 +223,16 @@ class SmtpHandler:
             log.error("refusing %s: the timeline cannot be written: %s", intent.summary, exc)
             await self._reset_upstream(tx)
             return TIMELINE_DOWN
+        try:
+            ref = await stored
+        except OSError as exc:
+            metrics.FRONTEND_ERRORS.labels("smtp", "blobs").inc()
+            log.error("refusing %s: the message cannot be stored: %s", intent.summary, exc)
+            await self._finish(seq, "failed", {"error": f"cannot store the message: {exc}"},
+                               self.pack.summary(intent.summary, None, "not stored"))
+            await self._reset_upstream(tx)
+            return TIMELINE_DOWN
+        metrics.BYTES_RECORDED.inc(ref.stored_size if ref.new else 0)
         assert tx.upstream is not None
         try:
             data = await tx.upstream.data(message)
@@ -218,6 +279,11 @@ class SmtpFrontendServer:
 
     async def start(self) -> None:
         tls = self._tls()
+        # aiosmtpd logs every command, sender and recipient at INFO: keep that out of the daemon's log
+        # unless the operator asked for it.
+        mail_log = logging.getLogger("mail.log")
+        if mail_log.level == logging.NOTSET:
+            mail_log.setLevel(logging.WARNING)
 
         def factory() -> UndoSMTP:
             return UndoSMTP(self.handler, hostname=self.cfg.hostname, ident="undo-proxy ESMTP",

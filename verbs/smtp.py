@@ -77,7 +77,8 @@ def ensure_message_id(message: bytes, domain: str) -> tuple[bytes, str, bool]:
 
 def bare_line_ending(message: bytes) -> bool:
     """A lone LF or CR: the end-of-data smuggling tricks (<LF>.<CR><LF> and friends) rely on them."""
-    return bool(re.search(rb"(?<!\r)\n|\r(?!\n)", message))
+    crlf = message.count(b"\r\n")   # every LF and every CR is part of a CRLF pair, or there is a lone one
+    return message.count(b"\n") != crlf or message.count(b"\r") != crlf
 
 
 class SmtpPack:
