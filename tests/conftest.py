@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.backends", "tests.daemon", "tests.mail"]
+pytest_plugins = ["tests.backends", "tests.daemon", "tests.mail", "tests.imapfix"]

@@ -63,6 +63,7 @@ class HttpFrontend:
     timeout: float
     compensation_webhook: str | None
     max_body: int
+    client_timeout: float = 60.0   # headers must arrive, and a body must not stall, within this
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class ImapFrontend:
     master_user: str | None
     master_password_file: Path | None
     master_separator: str
+    timeout: float = 60.0                  # upstream: connect and each response
+    postmaster: str = "postmaster@localhost"   # sender of explanatory messages
+    tls_cert: Path | None = None           # STARTTLS for clients when both are set
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,13 @@ def _positive(value: int) -> int:
     if value < 0:
         raise ValueError(f"must not be negative, not {value}")
     return value
+
+
+def _positive_duration(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0, not {value!r}")
+    return seconds
 
 
 def _http_url(value: str) -> str:
@@ -332,6 +344,7 @@ def parse_config(path: Path, data: dict[str, Any]) -> Config:
             timeout=s.get("timeout", str, "60s", convert=parse_duration),
             compensation_webhook=s.get("compensation_webhook", str, None, convert=_http_url),
             max_body=s.get("max_body", int, 1 << 30, convert=_positive),
+            client_timeout=s.get("client_timeout", str, "60s", convert=_positive_duration),
         ))
         s.finish()
     smtp = []
@@ -358,15 +371,31 @@ def parse_config(path: Path, data: dict[str, Any]) -> Config:
     imap = []
     for s in frontends("imap"):
         pw = s.get("master_password_file", str, None)
+        master = s.get("master_user", str, None)
+        if bool(master) != bool(pw):
+            s.fail("master_password_file" if master else "master_user",
+                   "master_user and master_password_file go together")
+        separator = s.get("master_separator", str, "*")
+        if not 0 < len(separator) <= 4 or any(c.isspace() or c == '"' for c in separator):
+            s.fail("master_separator", f"must be 1-4 characters without spaces or quotes, not {separator!r}")
+        cert, key = s.get("tls_cert", str, None), s.get("tls_key", str, None)
+        if bool(cert) != bool(key):
+            s.fail("tls_key" if cert else "tls_cert", "tls_cert and tls_key go together")
         imap.append(ImapFrontend(
             name=s.table.get("name", "imap"),
             listen=s.get("listen", str, convert=parse_host_port),
             upstream=s.get("upstream", str, convert=parse_host_port),
             verbs=s.get("verbs", str, "imap", convert=_verbs_name),
-            master_user=s.get("master_user", str, None),
+            master_user=master,
             master_password_file=resolve(pw) if pw else None,
-            master_separator=s.get("master_separator", str, "*"),
+            master_separator=separator,
+            timeout=s.get("timeout", str, "60s", convert=parse_duration),
+            postmaster=s.get("postmaster", str, "postmaster@localhost"),
+            tls_cert=resolve(cert) if cert else None,
+            tls_key=resolve(key) if key else None,
         ))
+        if imap[-1].timeout <= 0:
+            s.fail("timeout", "must be more than 0")
         s.finish()
 
     listens = [("admin.listen", admin.listen)] + [
@@ -421,6 +450,7 @@ upstream = "http://127.0.0.1:8081"
 verbs = "webdav"                  # "http" | "webdav" | "module.path:Pack"
 # timeout = "60s"                 # upstream timeout (504 after it)
 # max_body = 1073741824           # largest request body accepted (413 above)
+# client_timeout = "60s"          # a client's headers must arrive within it, its body must not stall longer
 # compensation_webhook = "https://ops.example/undo-hook"   # POSTed each inconsistency as JSON
 
 # [[smtp]]
@@ -434,6 +464,19 @@ verbs = "webdav"                  # "http" | "webdav" | "module.path:Pack"
 # compensation_template = "/etc/undo-proxy/mail-explanation.txt"   # Jinja2; a built-in one otherwise
 # allow_without_xclient = false   # true: accept that the MTA sees every client as the proxy (open-relay risk)
 # tls_cert = "/etc/ssl/mail.pem"  # STARTTLS when both are set
+# tls_key = "/etc/ssl/mail.key"
+
+# [[imap]]
+# name = "imap"
+# listen = "127.0.0.1:1143"
+# upstream = "127.0.0.1:143"      # Dovecot (plain IMAP on a local address)
+# verbs = "imap"
+# master_user = "undo"            # replay logs in as <user><separator><master_user> (Dovecot master user)
+# master_password_file = "/etc/undo-proxy/imap-master.pw"
+# master_separator = "*"
+# timeout = "60s"                 # upstream: connecting, and each response
+# postmaster = "postmaster@example.org"            # sender of explanatory messages
+# tls_cert = "/etc/ssl/mail.pem"  # STARTTLS for clients when both are set
 # tls_key = "/etc/ssl/mail.key"
 '''
 

@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import signal
+import ssl
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -21,6 +22,8 @@ from undo_proxy.config import Config, ConfigError
 from undo_proxy.gate import Gate
 from undo_proxy.http_proxy import HttpFrontendServer
 from undo_proxy.http_upstream import HttpUpstream
+from undo_proxy.imap_proxy import ImapFrontendServer
+from undo_proxy.imap_upstream import ImapUpstream
 from undo_proxy.manager import Frontend, UndoManager
 from undo_proxy.smtp_proxy import SmtpFrontendServer
 from undo_proxy.smtp_upstream import SmtpUpstream, XclientMissing
@@ -61,8 +64,6 @@ async def serve(cfg: Config) -> None:
     if not cfg.admin.token:
         raise ConfigError(f"{cfg.path}: admin.token: required to serve (or admin.token_file)")
     packs = load_packs(cfg)
-    if cfg.imap:
-        raise ConfigError(f"{cfg.path}: imap: this build has no IMAP front-end yet")
     lock_fd = lock_state_dir(cfg)
     timeline = Timeline(cfg.timeline_url)
     await asyncio.to_thread(timeline.check_schema)
@@ -108,10 +109,28 @@ async def serve(cfg: Config) -> None:
             frontends[fe_smtp.name] = Frontend(fe_smtp.name, packs[fe_smtp.name], smtp_upstream, fe_smtp)
             smtp_servers.append(SmtpFrontendServer(fe_smtp, packs[fe_smtp.name], gate, committer, blobs,
                                                    smtp_upstream))
+        imap_servers: list[ImapFrontendServer] = []
+        for fe_imap in cfg.imap:
+            password = None
+            if fe_imap.master_password_file:
+                try:
+                    password = fe_imap.master_password_file.read_text().strip()
+                except OSError as exc:
+                    raise StartupError(f"imap {fe_imap.name}: cannot read master_password_file "
+                                       f"{fe_imap.master_password_file}: {exc.strerror}") from None
+            imap_upstream = ImapUpstream(fe_imap.upstream.host, fe_imap.upstream.port, fe_imap.timeout,
+                                         fe_imap.master_user, password, fe_imap.master_separator)
+            frontends[fe_imap.name] = Frontend(fe_imap.name, packs[fe_imap.name], imap_upstream, fe_imap)
+            try:
+                imap_servers.append(ImapFrontendServer(fe_imap, packs[fe_imap.name], gate, committer, blobs,
+                                                       imap_upstream))
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupError(f"imap {fe_imap.name}: cannot load tls_cert/tls_key: {exc}") from None
         manager = UndoManager(cfg, timeline, committer, gate, blobs, backend, frontends)
         await manager.recover()
         gate.on_mutation = manager.note_mutation
-        for protocol, server in [("http", srv) for srv in servers] + [("smtp", srv) for srv in smtp_servers]:
+        for protocol, server in [("http", srv) for srv in servers] + [("smtp", srv) for srv in smtp_servers] \
+                + [("imap", srv) for srv in imap_servers]:
             try:
                 await server.start()
             except OSError as exc:
