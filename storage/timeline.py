@@ -389,6 +389,7 @@ class GroupCommitter:
         self.batches = 0
         self.ops = 0
         self.healthy = True  # False after a write failed, until one succeeds again
+        self.unawaited_failures = 0  # writes queued without a waiter that failed (they are only logged)
         self.on_commit: Callable[[int, float, bool], None] | None = None  # (batch size, seconds, ok)
 
     def start(self) -> None:
@@ -443,6 +444,7 @@ class GroupCommitter:
             for (_, fut), (ok, value) in zip(batch, results):
                 if fut is None:
                     if not ok:
+                        self.unawaited_failures += 1
                         log.error("a batched timeline write failed: %s", value)
                 elif not fut.done():
                     if ok:

@@ -51,6 +51,8 @@ def recorded(row: VerbRow) -> RecordedVerb:
 
 def parse_time(text: str) -> datetime:
     try:
+        if any(ord(c) < 32 for c in text):  # fromisoformat would stop at a NUL and accept what came before
+            raise ValueError(text)
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise OperationError(400, f"{text!r} is not a snapshot id, @SEQ or an ISO-8601 time") from None
@@ -372,6 +374,7 @@ class UndoManager:
                 await self.db(lambda n=progress["done"]: self.timeline.update_cycle(cid, replayed=n))
                 self._notify({"cycle": cid, "replayed": progress["done"], "total": total})
 
+        failures_before = self.committer.unawaited_failures
         tasks: list[asyncio.Task] = []
         for row in verbs:
             fe = self.frontends.get(row.frontend)
@@ -386,6 +389,8 @@ class UndoManager:
             tasks.append(task)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await self.committer.flush()
+        if self.committer.unawaited_failures != failures_before:
+            raise OperationError(503, "some replayed verbs could not be recorded (the timeline failed)")
         await self.db(lambda: self.timeline.update_cycle(cid, replayed=progress["done"]))
         self._notify({"cycle": cid, "replayed": progress["done"], "total": total})
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -425,7 +430,10 @@ class UndoManager:
             if finding is not None:
                 Timeline.insert_inconsistency(s, cycle=cid, seq=row.seq, replay_seq=rseq, verb=row.verb,
                                               kind=finding.kind, detail=finding.detail, compensation="pending")
-        await self.committer.write(record)
+        # Not awaited: the next verb on the same targets waits for this one's exchange, not its record,
+        # and _replay_verbs flushes (and checks) them all before the cycle moves on. A crash before the
+        # record lands leaves a mutation pending (then unknown), which `replay` resumes.
+        self.committer.submit_nowait(record)
 
     @staticmethod
     def _check(fe: Frontend | None, original: RecordedVerb, result: ReplayResult) -> Finding | None:
