@@ -165,11 +165,6 @@ class Timeline:
         s.execute(_FINISH_VERB, {"seq_": seq, "status": status, "output": output, "summary": summary,
                                  "finished": utcnow()})
 
-    @staticmethod
-    def set_request(s: Session, seq: int, request: dict[str, Any], targets: list[str]) -> None:
-        """A replayed verb keeps what was actually sent, names translated, so later cycles send that."""
-        s.execute(update(VerbRow).where(VerbRow.seq == seq).values(request=request, targets=targets))
-
     def last_seq(self) -> int:
         return self.run(lambda s: s.scalar(select(func.max(VerbRow.seq))) or 0)
 

@@ -402,37 +402,28 @@ class UndoManager:
         fe = self.frontends.get(row.frontend)
         base = dict(protocol=row.protocol, frontend=row.frontend, verb=row.verb, targets=list(row.targets),
                     mutates=bool(row.mutates), origin="replay", cycle=cid, original_seq=row.seq)
-        replay_seq: int | None = None
         if fe is None:
             result = ReplayResult("failed", {"error": f"front-end {row.frontend!r} is not configured"},
                                   f"{row.summary} (front-end gone)", row.request)
         else:
-            if row.mutates:  # a replayed mutation is recorded like a live one: intent first
-                intent = NewVerb(summary=row.summary.split(" -> ")[0], request=row.request, **base)
-                replay_seq = await self.committer.write(lambda s: Timeline.insert_verb(s, intent))
             result = await fe.pack.replay(original, ReplayContext(fe.upstream, self.blobs, names))
             metrics.REPLAYED.labels(row.protocol).inc()
         finding = self._check(fe, original, result) if check else None
-        if finding is not None:
-            metrics.INCONSISTENCIES.labels(finding.kind).inc()
+        verb = NewVerb(summary=result.summary, request=result.request, status=result.status, output=result.output,
+                       **dict(base, targets=result.targets or base["targets"]))
+        # Recorded after the exchange and not awaited: a resumed replay re-executes every verb without a
+        # committed replay record, so an intent written first would add nothing but a commit per verb. The
+        # next verb on the same targets waits for this one's exchange, and _replay_verbs flushes (and
+        # checks) all records before the cycle moves on.
+        if finding is None:
+            self.committer.record_nowait(verb)
+            return
+        metrics.INCONSISTENCIES.labels(finding.kind).inc()
 
         def record(s: Any) -> None:
-            rseq = replay_seq
-            targets = result.targets or base["targets"]
-            if rseq is None:
-                rseq = Timeline.insert_verb(s, NewVerb(summary=result.summary, request=result.request,
-                                                       status=result.status, output=result.output,
-                                                       **dict(base, targets=targets)))
-            else:
-                Timeline.finish_verb(s, rseq, result.status, result.output, result.summary)
-                if result.request != row.request or targets != base["targets"]:
-                    Timeline.set_request(s, rseq, result.request, targets)
-            if finding is not None:
-                Timeline.insert_inconsistency(s, cycle=cid, seq=row.seq, replay_seq=rseq, verb=row.verb,
-                                              kind=finding.kind, detail=finding.detail, compensation="pending")
-        # Not awaited: the next verb on the same targets waits for this one's exchange, not its record,
-        # and _replay_verbs flushes (and checks) them all before the cycle moves on. A crash before the
-        # record lands leaves a mutation pending (then unknown), which `replay` resumes.
+            rseq = Timeline.insert_verb(s, verb)
+            Timeline.insert_inconsistency(s, cycle=cid, seq=row.seq, replay_seq=rseq, verb=row.verb,
+                                          kind=finding.kind, detail=finding.detail, compensation="pending")
         self.committer.submit_nowait(record)
 
     @staticmethod
