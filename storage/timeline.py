@@ -332,10 +332,19 @@ class Timeline:
                 stmt = stmt.where(InconsistencyRow.cycle == cycle)
             if ids is not None:
                 stmt = stmt.where(InconsistencyRow.id.in_(list(ids)))
-            if pending_only:
-                stmt = stmt.where(InconsistencyRow.compensation.in_(("pending", "failed")))
+            if pending_only:  # what `compensate --all` runs: findings of cycles in review or committed
+                committed = select(CycleRow.id).where(CycleRow.state.in_(("review", "committed")))
+                stmt = stmt.where(InconsistencyRow.compensation.in_(("pending", "failed")),
+                                  InconsistencyRow.cycle.in_(committed))
             return [inconsistency_json(r) for r in s.scalars(stmt)]
         return self.run(q)
+
+    def void_compensations(self, cid: int) -> None:
+        """A cancelled cycle's findings describe a history that was thrown away: nothing to compensate."""
+        self.run(lambda s: s.execute(
+            update(InconsistencyRow).where(InconsistencyRow.cycle == cid,
+                                           InconsistencyRow.compensation.in_(("pending", "failed")))
+            .values(compensation="none", compensation_detail="the cycle was cancelled")))
 
     @staticmethod
     def insert_inconsistency(s: Session, **values: Any) -> int:

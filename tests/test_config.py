@@ -316,3 +316,13 @@ def test_option_after_the_subcommand_works_too(tmp_path: Path) -> None:
     result = run("db", "upgrade", "-c", str(path), cwd=Path("/"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "state" / "timeline.db").exists()
+
+
+def test_a_misspelt_required_key_is_named_as_typed(tmp_path):
+    cfg = tmp_path / "undo-proxy.toml"
+    cfg.write_text('[admin]\ntoken = "0123456789"\n[[http]]\nlisten = "127.0.0.1:8080"\nupstrem = "http://x:1"\n')
+    with pytest.raises(ConfigError, match=r"http\[0\]\.upstrem: unknown key"):
+        load_config(cfg)
+    cfg.write_text('[admn]\ntoken = "0123456789"\n')
+    with pytest.raises(ConfigError, match=r": admn: unknown key"):
+        load_config(cfg)

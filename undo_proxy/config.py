@@ -151,9 +151,10 @@ class _Section:
             self.fail("", f"must be a table, not {type(table).__name__}")
         self.table: dict[str, Any] = table
         self.used: set[str] = set()
+        self.missing: list[str] = []
 
     def fail(self, key: str, message: str) -> None:
-        name = f"{self.where}.{key}" if key else self.where
+        name = ".".join(part for part in (self.where, key) if part) or "config"
         raise ConfigError(f"{self.file}: {name}: {message}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *,
@@ -161,7 +162,9 @@ class _Section:
         self.used.add(key)
         if key not in self.table:
             if default is ...:
-                self.fail(key, "is required")
+                # Reported by finish(), after unknown keys: a misspelt required key is named as typed.
+                self.missing.append(key)
+                return None
             return convert(default) if convert and default is not None else default
         value = self.table[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -180,6 +183,8 @@ class _Section:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             self.fail(unknown[0], "unknown key")
+        if self.missing:
+            self.fail(self.missing[0], "is required")
 
 
 def _positive(value: int) -> int:
@@ -253,7 +258,6 @@ def load_config(path: Path) -> Config:
 def parse_config(path: Path, data: dict[str, Any]) -> Config:
     base = path.parent
     top = _Section(path, "", data)
-    top.where = "config"
 
     def section(name: str, required: bool = False) -> _Section:
         top.used.add(name)

@@ -188,16 +188,17 @@ allow_without_xclient = true
         hook = await self.start_webhook(ports["hook"])
         try:
             await self.timed("setup", self.start_services(cfg, volume, rules, ports))
-            self.say(f"undo-proxy serving: web on :{ports['http']}, mail on :{ports['smtp']}, "
+            self.say(f"undo-proxy serving: web on 127.0.0.1:{ports['http']}, mail on 127.0.0.1:{ports['smtp']}, "
                      f"admin on 127.0.0.1:{ports['admin']}")
             async with aiohttp.ClientSession(auto_decompress=False) as http:
                 report = await self.scenario(http, ports, rules)
             report["total"] = time.monotonic() - t_start
             ok = self.print_summary(report, backend, how)
             if self.keep:
-                self.say(f"--keep: still running. admin: http://127.0.0.1:{ports['admin']}/  token: {self.token}\n"
-                         f"        config: {cfg}   (stop with: kill the processes listed in {self.workdir}/pids)")
-                (self.workdir / "pids").write_text("".join(f"{p.pid}\n" for p in self.procs))
+                stop = self.write_stop_script()
+                self.say(f"--keep: still running. admin UI: http://127.0.0.1:{ports['admin']}/  token: {self.token}\n"
+                         f"  config: {cfg}   (e.g. undo-proxy -c {cfg} timeline)\n"
+                         f"  stop and clean up with: sh {stop}")
             return 0 if ok else 1
         finally:
             await hook.cleanup()
@@ -333,8 +334,8 @@ allow_without_xclient = true
         self.say(f"replayed {cycle['replayed']} verbs, skipped {len(cycle['skipped'])}, "
                  f"{cycle['inconsistencies']} inconsistencies")
         incs = await self.api(http, ports["admin"], "GET", f"/inconsistencies?cycle={cycle['id']}")
-        comps = await self.timed("compensate", self.api(http, ports["admin"], "POST", "/compensate", {"all": True}))
         cycle = await self.timed("commit", self.api(http, ports["admin"], "POST", "/commit"))
+        comps = await self.timed("compensate", self.api(http, ports["admin"], "POST", "/compensate", {"all": True}))
         report.update(cycle=cycle, inconsistencies=incs, compensations=comps, snapshot=target,
                       status=await self.api(http, ports["admin"], "GET", "/status"),
                       verbs=await self.api(http, ports["admin"], "GET", "/timeline?limit=1000000"))
@@ -411,6 +412,20 @@ allow_without_xclient = true
             lines.append(f"  wrong documents:  {'; '.join(v['wrong'])}")
         self.say("\n".join(lines))
         return ok
+
+    def write_stop_script(self) -> Path:
+        """For --keep: one command that ends what the demo left running and removes what it made."""
+        script = self.workdir / "stop.sh"
+        lines = ["#!/bin/sh", "# written by `undo-proxy demo --keep`: stops the demo and removes its files"]
+        lines += [f"kill -TERM -{p.pid} 2>/dev/null" for p in self.procs]
+        lines.append("sleep 2")
+        lines += [f"kill -KILL -{p.pid} 2>/dev/null" for p in self.procs]
+        if self.mount:
+            lines.append(f"umount -l {self.mount}")
+        lines.append(f"rm -rf --one-file-system {self.workdir}")
+        script.write_text("\n".join(lines) + "\n")
+        script.chmod(0o755)
+        return script
 
     # --- clean-up --------------------------------------------------------------------------------
     def cleanup(self) -> None:

@@ -299,6 +299,7 @@ class UndoManager:
             await self.db(lambda: self.timeline.set_snapshot(cycle["pre_rewind_snapshot"], deleted=True))
         await self.db(lambda: self.timeline.update_cycle(cid, state="cancelled", closed=datetime.now(timezone.utc),
                                                          error=error))
+        await self.db(self.timeline.void_compensations, cid)
 
     async def cycle_or_404(self, cid: int) -> dict[str, Any]:
         cycle = await self.db(self.timeline.cycle, cid)
@@ -478,6 +479,12 @@ class UndoManager:
             missing = set(ids) - {i["id"] for i in items}
             if missing:
                 raise OperationError(404, f"no inconsistency {', '.join(map(str, sorted(missing)))}")
+            for item in items:
+                state = (await self.cycle_or_404(item["cycle"]))["state"]
+                if state not in ("review", "committed"):
+                    raise OperationError(409, f"inconsistency {item['id']} belongs to cycle {item['cycle']}, which "
+                                              f"is {state}: only findings of a cycle in review or committed are "
+                                              f"compensated")
         elif all_pending:
             items = await self.db(lambda: self.timeline.inconsistencies(pending_only=True))
         else:

@@ -1,0 +1,42 @@
+"""What a cancelled cycle found describes a history that was thrown away: it is never compensated."""
+import json
+import time
+import urllib.request
+
+
+def http(stack, method: str, path: str, data: bytes | None = None) -> int:
+    req = urllib.request.Request(stack.url + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def seq_of(stack, verb: str, target: str) -> int:
+    for _ in range(50):  # reads are recorded in batches
+        seqs = [v["seq"] for v in stack.timeline() if v["verb"] == verb and target in v["targets"]]
+        if seqs:
+            return seqs[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no {verb} {target}")
+
+
+def test_a_cancelled_cycles_findings_are_not_compensated(proxy_stack):
+    stack = proxy_stack()
+    assert http(stack, "PUT", "/a.txt", b"alpha") == 201
+    snap = stack.cli_json("snapshot", "take")
+    assert http(stack, "DELETE", "/a.txt") == 204
+    assert http(stack, "GET", "/a.txt") == 404
+    bad = seq_of(stack, "webdav.delete", "/a.txt")
+    seq_of(stack, "webdav.get", "/a.txt")
+    stack.cli("rewind", "--to", snap["id"], "--yes")
+    cycle = stack.cli_json("replay", "--skip", str(bad))
+    assert cycle["inconsistencies"] == 1
+    stack.cli("cancel")
+    [item] = stack.cli_json("inconsistencies", "--cycle", str(cycle["id"]))
+    assert item["compensation"] == "none"
+    assert stack.cli_json("compensate", "--all") == []
+    refused = stack.cli("compensate", str(item["id"]), check=False)
+    assert refused.returncode == 1 and "cancelled" in refused.stderr
+    assert json.loads(stack.cli("inconsistencies", "--json").stdout)[0]["compensation"] == "none"
