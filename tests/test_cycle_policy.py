@@ -25,12 +25,12 @@ def seq_of(stack, verb: str, target: str) -> int:
 def test_a_cancelled_cycles_findings_are_not_compensated(proxy_stack):
     stack = proxy_stack()
     assert http(stack, "PUT", "/a.txt", b"alpha") == 201
-    snap = stack.cli_json("snapshot", "take")
+    stack.cli_json("snapshot", "take", "--label", "known good")
     assert http(stack, "DELETE", "/a.txt") == 204
     assert http(stack, "GET", "/a.txt") == 404
     bad = seq_of(stack, "webdav.delete", "/a.txt")
     seq_of(stack, "webdav.get", "/a.txt")
-    stack.cli("rewind", "--to", snap["id"], "--yes")
+    stack.cli("rewind", "--to", "known good", "--yes")  # a label names a snapshot too
     cycle = stack.cli_json("replay", "--skip", str(bad))
     assert cycle["inconsistencies"] == 1
     stack.cli("cancel")

@@ -120,6 +120,7 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(cfg))
     except (StartupError, TimelineUnavailable) as exc:
@@ -228,7 +229,13 @@ def cmd_replay(args: argparse.Namespace, cfg: Config) -> None:
 
 def cmd_commit(args: argparse.Namespace, cfg: Config) -> None:
     doc = api(cfg, "POST", "/api/commit", {})
-    emit_json(doc) if args.json else out.print(cycle_line(doc))
+    if args.json:
+        return emit_json(doc)
+    out.print(cycle_line(doc))
+    pending = [i for i in api(cfg, "GET", f"/api/inconsistencies?cycle={doc['id']}")
+               if i["compensation"] in ("pending", "failed")]
+    if pending:
+        out.print(f"{len(pending)} inconsistencies await compensation: undo-proxy compensate --all")
 
 
 def cmd_cancel(args: argparse.Namespace, cfg: Config) -> None:
@@ -265,56 +272,75 @@ def cmd_compensate(args: argparse.Namespace, cfg: Config) -> None:
 # --- argument parsing -------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help="config file (default: $UNDO_PROXY_CONFIG "
-                                                              "or ./undo-proxy.toml)")
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="config file (default: $UNDO_PROXY_CONFIG, else ./undo-proxy.toml)")
     js = argparse.ArgumentParser(add_help=False)
-    js.add_argument("--json", action="store_true", help="print one JSON document")
+    js.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = argparse.ArgumentParser(prog="undo-proxy", parents=[common],
-                                description="Rewind, repair, replay: an undo button for mail and web services.")
+                                description="Rewind, repair, replay: an undo button for mail and web services.",
+                                epilog="Exit codes: 0 success, 1 the operation failed, 2 usage or configuration "
+                                       "error, 3 the daemon is not reachable.")
+    p.add_argument("--version", action="version", version=f"undo-proxy {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("init", parents=[common], help="write a sample config")
-    s.add_argument("dir", nargs="?")
-    s = sub.add_parser("db", parents=[common], help="timeline schema")
+    def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=list(parents), help=summary, description=summary)
+
+    s = command("init", "write a commented sample config, with data/, snapshots/ and state/ beside it")
+    s.add_argument("dir", nargs="?", help="where to write undo-proxy.toml (default: the current directory)")
+    s = command("db", "create or upgrade the timeline schema (Alembic)", common)
     s.add_argument("action", choices=["upgrade"])
-    s = sub.add_parser("serve", parents=[common], help="run the front-ends, admin API and snapshot scheduler")
-    s.add_argument("-v", "--verbose", action="store_true")
-    sub.add_parser("status", parents=[common, js], help="mode, open cycle, last verb, snapshot count")
-    s = sub.add_parser("timeline", parents=[common, js], help="list verbs, oldest first")
-    s.add_argument("--limit", type=int)
-    s.add_argument("--after", type=int, metavar="SEQ")
-    s.add_argument("--protocol")
-    s.add_argument("--verb", metavar="NAME")
-    s.add_argument("--target", metavar="GLOB")
-    s.add_argument("--cycle", type=int, metavar="ID")
-    s = sub.add_parser("show", parents=[common, js], help="one verb with its request and output")
+    s = command("serve", "run every front-end, the admin API and UI, and the snapshot scheduler", common)
+    s.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    command("status", "mode, open cycle, last verb, snapshot count (works with the daemon stopped)", common, js)
+    s = command("timeline", "list verbs, oldest first (works with the daemon stopped)", common, js)
+    s.add_argument("--limit", type=int, metavar="N", help="at most N verbs")
+    s.add_argument("--after", type=int, metavar="SEQ", help="only verbs after SEQ")
+    s.add_argument("--protocol", metavar="P", help="http, smtp or imap")
+    s.add_argument("--verb", metavar="NAME", help="e.g. webdav.put, smtp.deliver")
+    s.add_argument("--target", metavar="GLOB", help="shell-style pattern matched against each target, e.g. '/docs/*'")
+    s.add_argument("--cycle", type=int, metavar="ID", help="only the verbs replayed in cycle ID")
+    s = command("show", "one verb with its recorded request and output", common, js)
     s.add_argument("seq", type=int)
-    s = sub.add_parser("snapshot", parents=[common], help="take, list or delete snapshots")
-    snap = s.add_subparsers(dest="action", required=True, metavar="ACTION")
-    t = snap.add_parser("take", parents=[common, js])
-    t.add_argument("--label")
-    snap.add_parser("list", parents=[common, js])
-    d = snap.add_parser("delete", parents=[common])
+    s = command("snapshot", "take, list or delete snapshots", common)
+    snap = s.add_subparsers(dest="action", required=True, metavar="{take,list,delete}")
+    t = snap.add_parser("take", parents=[common, js], help="snapshot now, at a verb boundary",
+                        description="snapshot now, at a verb boundary (through the daemon)")
+    t.add_argument("--label", help="a note kept with the snapshot")
+    snap.add_parser("list", parents=[common, js], help="snapshots, oldest first", description="snapshots, oldest first")
+    d = snap.add_parser("delete", parents=[common], help="delete one snapshot", description="delete one snapshot")
     d.add_argument("id")
-    s = sub.add_parser("rewind", parents=[common, js], help="open an undo cycle")
-    s.add_argument("--to", required=True, metavar="TARGET", help="snapshot ID, @SEQ or ISO-8601 time")
+    s = command("rewind", "open an undo cycle: put the service's state back to a point in its history", common, js)
+    s.add_argument("--to", required=True, metavar="TARGET",
+                   help="a snapshot ID or label, @SEQ (the state right after verb SEQ) or an ISO-8601 time")
     s.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    s = sub.add_parser("repair", parents=[common, js], help="record what the operator repaired")
-    s.add_argument("--note", required=True)
-    s = sub.add_parser("replay", parents=[common, js], help="replay the verbs after the rewind point")
-    s.add_argument("--skip", metavar="SEQ,...")
-    sub.add_parser("commit", parents=[common, js], help="accept the replayed timeline")
-    sub.add_parser("cancel", parents=[common, js], help="abandon the cycle, restore the pre-rewind state")
-    s = sub.add_parser("inconsistencies", parents=[common, js], help="external inconsistencies found by replay")
-    s.add_argument("--cycle", type=int, metavar="ID")
-    s = sub.add_parser("demo", parents=[common], help="a whole undo cycle on real backends, verified")
+    s = command("repair", "record what you repaired (the repair itself is yours to do)", common, js)
+    s.add_argument("--note", required=True, help="what was repaired, for the record")
+    s = command("replay", "replay every recorded verb after the rewind point through the repaired service",
+                common, js)
+    s.add_argument("--skip", metavar="SEQ,...", help="verbs not to replay (the bad ones), e.g. 18,19")
+    command("commit", "accept the replayed history; live traffic resumes", common, js)
+    command("cancel", "abandon the cycle: the pre-rewind state comes back exactly; live traffic resumes",
+            common, js)
+    s = command("inconsistencies", "what clients saw that the replayed history contradicts", common, js)
+    s.add_argument("--cycle", type=int, metavar="ID", help="only those of cycle ID")
+    s = command("compensate", "run the compensation of inconsistencies (webhook, mail, or acknowledgement)",
+                common, js)
+    s.add_argument("ids", nargs="*", type=int, metavar="ID", help="inconsistency ids")
+    s.add_argument("--all", action="store_true", help="every pending one of cycles in review or committed")
+    s = command("demo", "the self-contained showcase: a whole undo cycle on real backends, verified")
     s.add_argument("--workdir", metavar="DIR", help="an empty or new directory (default: a temporary one)")
     s.add_argument("--keep", action="store_true", help="leave everything running at the end")
-    s = sub.add_parser("compensate", parents=[common, js], help="run compensations")
-    s.add_argument("ids", nargs="*", type=int)
-    s.add_argument("--all", action="store_true")
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("undo-proxy")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 COMMANDS = {"db": cmd_db_upgrade, "serve": cmd_serve, "status": cmd_status, "timeline": cmd_timeline,

@@ -55,7 +55,7 @@ def parse_time(text: str) -> datetime:
             raise ValueError(text)
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise OperationError(400, f"{text!r} is not a snapshot id, @SEQ or an ISO-8601 time") from None
+        raise OperationError(400, f"{text!r} is not a snapshot id or label, @SEQ or an ISO-8601 time") from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -203,25 +203,31 @@ class UndoManager:
     # --- the cycle -----------------------------------------------------------------------------
     async def _resolve_target(self, to: str) -> tuple[dict[str, Any], int]:
         to = to.strip()
-        if valid_id(to):
-            snap = await self.db(self.timeline.snapshot, to)
+        labelled = [s for s in await self.db(self.timeline.snapshots) if s["label"] == to and s["kind"] != "pre-rewind"]
+        if len(labelled) > 1:
+            raise OperationError(400, f"{len(labelled)} snapshots are labelled {to!r}: name one by its id")
+        if valid_id(to) or labelled:
+            snap = labelled[0] if labelled else await self.db(self.timeline.snapshot, to)
             if snap is None:
                 raise OperationError(404, f"no snapshot {to}")
             if not snap["valid"]:
-                raise OperationError(409, f"snapshot {to} belongs to a history that a committed cycle replaced")
+                raise OperationError(409, f"snapshot {snap['id']} belongs to a history that a committed cycle "
+                                          f"replaced")
             return snap, snap["after_seq"]
+        where = f"verb {to[1:]}"
         if to.startswith("@"):
             if not to[1:].isdigit():
                 raise OperationError(400, f"{to!r}: @SEQ needs a verb number, e.g. @42")
             seq = int(to[1:])
         else:
             seq = await self.db(self.timeline.last_seq_at, parse_time(to))
+            where = to
         last = await self.db(self.timeline.last_seq)
         if seq > last:
             raise OperationError(400, f"verb {seq} does not exist yet (the last is {last})")
         snap = await self.db(self.timeline.rewind_base, seq)
         if snap is None:
-            raise OperationError(409, f"no snapshot was taken at or before verb {seq}")
+            raise OperationError(409, f"no snapshot was taken at or before {where}")
         return snap, seq
 
     async def _service(self, which: str) -> None:

@@ -167,7 +167,7 @@ class HttpPack:
         """POST the inconsistency to the front-end's webhook; without one, the operator acknowledges."""
         webhook = getattr(frontend.settings, "compensation_webhook", None)
         if not webhook:
-            return CompensationResult("acknowledged", "acknowledged by the operator (no webhook configured)")
+            return CompensationResult("acknowledged", "no webhook configured: the operator has taken note")
         import aiohttp
 
         payload = dict(inconsistency, request={"method": verb.request.get("method"),
