@@ -464,6 +464,7 @@ verbs = "webdav"                  # "http" | "webdav" | "module.path:Pack"
 # verbs = "smtp"
 # hostname = "mail.example.org"   # the name in the greeting
 # max_message_size = 36700160     # SIZE
+# timeout = "60s"                 # upstream timeout
 # postmaster = "postmaster@example.org"            # sender of explanatory messages
 # compensation_template = "/etc/undo-proxy/mail-explanation.txt"   # Jinja2; a built-in one otherwise
 # allow_without_xclient = false   # true: accept that the MTA sees every client as the proxy (open-relay risk)
