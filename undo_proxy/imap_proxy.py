@@ -22,7 +22,6 @@ import base64
 import binascii
 import logging
 import re
-import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from undo_proxy.imap_upstream import ImapConnection, ImapUpstream, UpstreamUnava
 from undo_proxy.imap_wire import (LINE_LIMIT, Closed, Message, TooBig, compact_set, fetch_items, in_ranges,
                                   mailbox_name, parse, read_message, search_numbers, set_ranges,
                                   text)
+from undo_proxy.tls import server_context
 from verbs.imap import HEADER_ITEM, content_digest, describe, header_of, name_refs, status_output
 
 log = logging.getLogger("undo_proxy.imap")
@@ -611,7 +611,7 @@ class ImapFrontendServer:
         self.cfg, self.pack, self.gate, self.committer, self.blobs, self.upstream = \
             cfg, pack, gate, committer, blobs, upstream
         self.server: asyncio.base_events.Server | None = None
-        self.tls = self._tls()
+        self.tls = server_context(self.cfg.tls_cert, self.cfg.tls_key)
         self.sessions: set[asyncio.Task] = set()
         # (user, mailbox, UIDVALIDITY) -> {uid: what names the message}: a UID names one immutable message
         # for as long as UIDVALIDITY holds, except across a rewind, hence the gate's epoch
@@ -638,13 +638,6 @@ class ImapFrontendServer:
         if uidvalidity is None:      # a server that names no UIDVALIDITY: nothing is shared
             return {}
         return self._described.setdefault((user, mailbox, uidvalidity), {})
-
-    def _tls(self) -> ssl.SSLContext | None:
-        if not self.cfg.tls_cert or not self.cfg.tls_key:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
-        return context
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

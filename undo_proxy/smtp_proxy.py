@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from undo_proxy import metrics
 from undo_proxy.config import SmtpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.smtp_upstream import SmtpUpstream, UpstreamSession, UpstreamUnavailable
+from undo_proxy.tls import server_context
 from verbs.smtp import bare_line_ending, ensure_message_id, subject_of
 
 log = logging.getLogger("undo_proxy.smtp")
@@ -270,15 +270,8 @@ class SmtpFrontendServer:
         self.handler = SmtpHandler(cfg, pack, gate, committer, blobs, upstream)
         self.server: asyncio.base_events.Server | None = None
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if not self.cfg.tls_cert or not self.cfg.tls_key:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
-        return context
-
     async def start(self) -> None:
-        tls = self._tls()
+        tls = server_context(self.cfg.tls_cert, self.cfg.tls_key)
         # aiosmtpd logs every command, sender and recipient at INFO: keep that out of the daemon's log
         # unless the operator asked for it.
         mail_log = logging.getLogger("mail.log")

@@ -22,6 +22,7 @@ from typing import Any
 
 from undo_proxy.imap_wire import Message, fetch_items, message_id_in, search_numbers, sha, text
 from verbs.base import CompensationResult, Finding, Intent, RecordedVerb, ReplayContext, ReplayResult
+from verbs.smtp import decoded_subject
 
 MESSAGE_VERBS = {"store", "copy", "move", "expunge", "fetch"}
 MAILBOX_VERBS = {"create", "delete", "rename", "subscribe"}
@@ -32,15 +33,7 @@ _SUBJECT = re.compile(rb"^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | 
 
 
 def subject_in(header: bytes) -> str:
-    m = _SUBJECT.search(header)
-    if not m:
-        return ""
-    from email.header import decode_header, make_header
-    raw = b" ".join(m.group(1).split()).decode("utf-8", "replace")
-    try:
-        return str(make_header(decode_header(raw)))
-    except Exception:  # noqa: BLE001 - a broken encoded-word is shown as it is
-        return raw
+    return decoded_subject(header, _SUBJECT)
 
 
 def header_of(message: bytes) -> bytes:

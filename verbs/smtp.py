@@ -54,8 +54,9 @@ def message_id_of(message: bytes) -> str | None:
     return value or None
 
 
-def subject_of(message: bytes) -> str:
-    match = _SUBJECT.search(header_block(message))
+def decoded_subject(header: bytes, pattern: re.Pattern[bytes] = _SUBJECT) -> str:
+    """The Subject of a header block, RFC 2047 encoded-words decoded ("" when there is none)."""
+    match = pattern.search(header)
     if not match:
         return ""
     from email.header import decode_header, make_header
@@ -64,6 +65,10 @@ def subject_of(message: bytes) -> str:
         return str(make_header(decode_header(raw)))
     except Exception:  # noqa: BLE001 - a broken encoded-word is shown as it is
         return raw
+
+
+def subject_of(message: bytes) -> str:
+    return decoded_subject(header_block(message))
 
 
 def ensure_message_id(message: bytes, domain: str) -> tuple[bytes, str, bool]:
