@@ -46,6 +46,8 @@ class SnapshotConfig:
 class ServiceConfig:
     stop: str | None
     start: str | None
+    settle: str | None = None        # polled before a snapshot until it succeeds: the backend is at rest
+    settle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,9 @@ def parse_config(path: Path, data: dict[str, Any]) -> Config:
     sn.finish()
 
     sv = section("service")
-    service = ServiceConfig(stop=sv.get("stop", str, None), start=sv.get("start", str, None))
+    service = ServiceConfig(stop=sv.get("stop", str, None), start=sv.get("start", str, None),
+                            settle=sv.get("settle", str, None),
+                            settle_timeout=sv.get("settle_timeout", str, "30s", convert=parse_duration))
     sv.finish()
 
     ad = section("admin")
@@ -440,6 +444,10 @@ keep = 48                         # retention: newest N (snapshots an open cycle
 # How the backend is stopped and started around a rewind (optional).
 # stop = "systemctl stop dovecot postfix"
 # start = "systemctl start dovecot postfix"
+# Polled (with traffic held) before each snapshot until it exits 0: the backend has nothing in flight.
+# For Postfix, whose 250 comes before delivery: an empty queue.
+# settle = "test -z \"$(postqueue -j)\""
+# settle_timeout = "30s"
 
 [admin]
 listen = "127.0.0.1:8700"         # JSON API under /api, web UI under /, metrics at /metrics

@@ -31,6 +31,7 @@ import aiosmtplib
 from aiohttp import web
 
 from storage.db import upgrade
+from undo_proxy.demo_postfix import PrivatePostfix, postfix_binary
 
 USERS = ["alice", "bob", "carol"]
 DOMAIN = "demo.test"
@@ -79,6 +80,7 @@ class Demo:
     docs: dict[str, bytes] = field(default_factory=dict)      # what the good traffic alone leaves
     sent: dict[str, str] = field(default_factory=dict)        # Message-ID -> recipient user
     webhook_calls: list[dict[str, Any]] = field(default_factory=list)
+    mail: Any = None
 
     # --- set-up ----------------------------------------------------------------------------------
     def volume_setup(self) -> tuple[str, Path, Path, str]:
@@ -149,8 +151,9 @@ upstream = "127.0.0.1:{ports['mta']}"
 verbs = "smtp"
 hostname = "mail.{DOMAIN}"
 postmaster = "postmaster@{DOMAIN}"
-# The demo's own MTA runs on this machine's loopback and has no XCLIENT.
-allow_without_xclient = true
+{self.mail.smtp_settings}
+[service]
+{self.mail.service_settings}
 ''')
         return cfg
 
@@ -179,19 +182,18 @@ allow_without_xclient = true
         self.say(f"volume: {how}")
         (volume / "dav").mkdir(exist_ok=True)
         (volume / "mail").mkdir(exist_ok=True)
-        rules = self.workdir / "mail-filter.txt"
-        rules.write_text("# header filter of the demo MTA (Postfix header_checks syntax)\n")
         ports = {k: free_port() for k in ("dav", "mta", "http", "smtp", "admin", "hook")}
+        self.mail = self.choose_mail(volume / "mail", ports["mta"])
         self.say("web backend: WsgiDAV serving the volume's dav/")
-        self.say("mail backend: an embedded aiosmtpd MTA delivering to Maildirs in the volume's mail/")
+        self.say(f"mail backend: {self.mail.description}")
         cfg = self.write_config(backend, volume, store, ports)
         hook = await self.start_webhook(ports["hook"])
         try:
-            await self.timed("setup", self.start_services(cfg, volume, rules, ports))
+            await self.timed("setup", self.start_services(cfg, volume, ports))
             self.say(f"undo-proxy serving: web on 127.0.0.1:{ports['http']}, mail on 127.0.0.1:{ports['smtp']}, "
                      f"admin on 127.0.0.1:{ports['admin']}")
             async with aiohttp.ClientSession(auto_decompress=False) as http:
-                report = await self.scenario(http, ports, rules)
+                report = await self.scenario(http, ports)
             report["total"] = time.monotonic() - t_start
             ok = self.print_summary(report, backend, how)
             if self.keep:
@@ -203,16 +205,21 @@ allow_without_xclient = true
         finally:
             await hook.cleanup()
 
-    async def start_services(self, cfg: Path, volume: Path, rules: Path, ports: dict[str, int]) -> None:
+    def choose_mail(self, maildirs: Path, port: int) -> "MailBackend":
+        """Postfix when it is installed and we are root (a private instance), else the embedded MTA."""
+        if os.geteuid() == 0 and postfix_binary():
+            return PostfixMail(PrivatePostfix(self.workdir / "postfix", maildirs, DOMAIN, USERS, port))
+        why = "not running as root" if os.geteuid() != 0 else "Postfix is not installed"
+        return EmbeddedMail(self, maildirs, port, why)
+
+    async def start_services(self, cfg: Path, volume: Path, ports: dict[str, int]) -> None:
         # Modules of this interpreter, not console scripts: their shebangs may point where another user
         # cannot follow.
         dav = self.spawn([sys.executable, "-m", "wsgidav.server.server_cli", "--host", "127.0.0.1", "--port", str(ports["dav"]), "--root",
                                     str(volume / "dav"), "--auth", "anonymous", "--no-config", "-q"], "wsgidav.log")
-        mta = self.spawn([sys.executable, "-m", "undo_proxy.demo_mta", "--port", str(ports["mta"]), "--maildirs",
-                          str(volume / "mail"), "--domain", DOMAIN, "--users", ",".join(USERS),
-                          "--rules", str(rules)], "mta.log")
+        await asyncio.to_thread(self.mail.start)
         await wait_port(ports["dav"], dav, "WsgiDAV")
-        await wait_port(ports["mta"], mta, "the demo MTA")
+        await self.mail.wait_ready()
         await asyncio.to_thread(upgrade, f"sqlite:///{self.workdir / 'state' / 'timeline.db'}")
         serve = self.spawn([sys.executable, "-m", "undo_proxy.cli", "serve", "-c", str(cfg)], "serve.log")
         await wait_port(ports["http"], serve, "undo-proxy serve")
@@ -283,7 +290,7 @@ allow_without_xclient = true
         await asyncio.gather(*(worker(indices[k::4]) for k in range(4)))
         return n
 
-    async def scenario(self, http: aiohttp.ClientSession, ports: dict[str, int], rules: Path) -> dict[str, Any]:
+    async def scenario(self, http: aiohttp.ClientSession, ports: dict[str, int]) -> dict[str, Any]:
         base = f"http://127.0.0.1:{ports['http']}"
         rng = random.Random(20261203)
         report: dict[str, Any] = {}
@@ -301,7 +308,7 @@ allow_without_xclient = true
 
         async def errors_and_more_traffic() -> list[int]:
             # Operator error 1: a filter rule meant for spam also eats every invoice.
-            rules.write_text(rules.read_text() + "/^Subject: .*Invoice/ DISCARD\n")
+            await asyncio.to_thread(self.mail.set_filter, "/^Subject: .*Invoice/ DISCARD\n")
             # Operator error 2: a clean-up script deletes the wrong documents.
             last = (await self.api(http, ports["admin"], "GET", "/status"))["last_seq"]
             victims = sorted(p for p in self.docs if p.startswith("/docs/plan-"))[:12]
@@ -320,6 +327,7 @@ allow_without_xclient = true
             return bad
         bad = await self.timed("errors and traffic after them", errors_and_more_traffic())
         report["bad"] = bad
+        await asyncio.to_thread(self.mail.settle)
         missing = self.count_missing_mail()
         self.say(f"damage: {missing} messages discarded by the filter, {len(bad)} documents deleted")
 
@@ -327,7 +335,7 @@ allow_without_xclient = true
         target = max((s for s in snaps if s["valid"] and s["after_seq"] < min(bad)), key=lambda s: s["after_seq"])
         cycle = await self.timed("rewind", self.api(http, ports["admin"], "POST", "/rewind", {"to": target["id"]}))
         self.say(f"rewound to snapshot {target['id']} (after verb {target['after_seq']}), cycle {cycle['id']}")
-        rules.write_text("# header filter of the demo MTA (Postfix header_checks syntax)\n")
+        await asyncio.to_thread(self.mail.set_filter, "")
         await self.api(http, ports["admin"], "POST", "/repair",
                        {"note": "removed the invoice DISCARD rule; skipping the bulk DELETE"})
         cycle = await self.timed("replay", self.api(http, ports["admin"], "POST", "/replay", {"skip": bad}))
@@ -339,6 +347,7 @@ allow_without_xclient = true
         report.update(cycle=cycle, inconsistencies=incs, compensations=comps, snapshot=target,
                       status=await self.api(http, ports["admin"], "GET", "/status"),
                       verbs=await self.api(http, ports["admin"], "GET", "/timeline?limit=1000000"))
+        await asyncio.to_thread(self.mail.settle)
         report["verify"] = await self.timed("verify", self.verify(http, base))
         return report
 
@@ -419,6 +428,7 @@ allow_without_xclient = true
         lines = ["#!/bin/sh", "# written by `undo-proxy demo --keep`: stops the demo and removes its files"]
         lines += [f"kill -TERM -{p.pid} 2>/dev/null" for p in self.procs]
         lines.append("sleep 2")
+        lines += self.mail.stop_commands if self.mail else []
         lines += [f"kill -KILL -{p.pid} 2>/dev/null" for p in self.procs]
         if self.mount:
             lines.append(f"umount -l {self.mount}")
@@ -429,6 +439,9 @@ allow_without_xclient = true
 
     # --- clean-up --------------------------------------------------------------------------------
     def cleanup(self) -> None:
+        if self.mail is not None:
+            with suppress(Exception):
+                self.mail.stop()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 with suppress(ProcessLookupError):
@@ -468,3 +481,75 @@ def run_demo(workdir: str | None, keep: bool) -> int:
                 with suppress(OSError):
                     (path / "volume.img").unlink()
 
+
+
+class MailBackend:
+    description: str
+    smtp_settings = ""       # more keys of the [[smtp]] table
+    service_settings = ""    # keys of [service]
+    stop_commands: list[str] = []
+
+    def start(self) -> None: ...
+    async def wait_ready(self) -> None: ...
+    def set_filter(self, rules: str) -> None: ...
+    def settle(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class PostfixMail(MailBackend):
+    def __init__(self, postfix: PrivatePostfix) -> None:
+        self.postfix = postfix
+        self.description = (f"Postfix (a private instance of the installed one, on 127.0.0.1:{postfix.port}, "
+                            f"config in {postfix.etc}) delivering to Maildirs in the volume's mail/")
+        # Postfix answers 250 before it delivers: snapshots wait for an empty queue.
+        self.service_settings = f"settle = '{postfix.settle_command}'\n"
+        self.stop_commands = [f"{postfix.binary} -c {postfix.etc} stop"]
+
+    def start(self) -> None:
+        self.postfix.start()
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.postfix.port)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+        raise DemoError(f"Postfix did not listen on port {self.postfix.port}")
+
+    def set_filter(self, rules: str) -> None:
+        self.postfix.set_header_checks(rules)
+
+    def settle(self) -> None:
+        self.postfix.wait_queue_empty()
+
+    def stop(self) -> None:
+        self.postfix.stop()
+
+
+class EmbeddedMail(MailBackend):
+    def __init__(self, demo: Demo, maildirs: Path, port: int, why: str) -> None:
+        self.demo, self.maildirs, self.port = demo, maildirs, port
+        self.rules = demo.workdir / "mail-filter.txt"
+        self.description = (f"an embedded aiosmtpd MTA delivering to Maildirs in the volume's mail/ ({why})")
+        # The demo's own MTA runs on this machine's loopback and has no XCLIENT.
+        self.smtp_settings = "allow_without_xclient = true\n"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.set_filter("")
+        self.proc = self.demo.spawn([sys.executable, "-m", "undo_proxy.demo_mta", "--port", str(self.port),
+                                     "--maildirs", str(self.maildirs), "--domain", DOMAIN, "--users",
+                                     ",".join(USERS), "--rules", str(self.rules)], "mta.log")
+
+    async def wait_ready(self) -> None:
+        assert self.proc is not None
+        await wait_port(self.port, self.proc, "the demo MTA")
+
+    def set_filter(self, rules: str) -> None:
+        self.rules.write_text("# header filter of the demo MTA (Postfix header_checks syntax)\n" + rules)
+
+    def settle(self) -> None:
+        return None  # it delivers before it answers 250

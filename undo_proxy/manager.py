@@ -118,6 +118,7 @@ class UndoManager:
         sid = await self._new_snapshot_id()
         async with self.gate.quiesced():
             await self.committer.flush()
+            await self._settle()
             after_seq = await self.db(self.timeline.last_seq)
             t0 = time.perf_counter()
             try:
@@ -139,6 +140,24 @@ class UndoManager:
                  duration * 1000, pause)
         await self._prune()
         return await self.db(self.timeline.snapshot, sid)
+
+    async def _settle(self) -> None:
+        """[service] settle: wait until the backend has finished what it acknowledged (a mail queue
+        delivered), so the snapshot holds every verb up to its after_seq."""
+        command = self.cfg.service.settle
+        if not command:
+            return
+        deadline = time.monotonic() + self.cfg.service.settle_timeout
+        while True:
+            proc = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.DEVNULL)
+            if await proc.wait() == 0:
+                return
+            if time.monotonic() > deadline:
+                metrics.SNAPSHOT_FAILURES.labels("settle").inc()
+                raise OperationError(500, f"[service] settle = {command!r} did not succeed within "
+                                          f"{self.cfg.service.settle_timeout:.0f}s; no snapshot taken")
+            await asyncio.sleep(0.2)
 
     def _protected(self, cycle: dict[str, Any] | None) -> set[str]:
         return {cycle["snapshot"], cycle["pre_rewind_snapshot"]} if cycle else set()
