@@ -35,13 +35,27 @@ def no_leftovers(workdir: Path) -> None:
     assert ps.stdout.strip() == "", ps.stdout
 
 
-def test_demo_as_root_on_btrfs(tmp_path):
-    workdir = tmp_path / "demo"
-    res = run_demo(workdir)
+def test_demo_as_root_on_btrfs_with_postfix():
+    base = Path(tempfile.mkdtemp(prefix="undo-demo-root-"))  # Postfix's users must be able to enter it
+    os.chmod(base, 0o755)
+    workdir = base / "demo"
+    try:
+        res = run_demo(workdir)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "btrfs subvolume on a loop-mounted" in res.stdout
+    assert "mail backend: Postfix (a private instance" in res.stdout  # .ci/install-deps.sh installs it
     check_summary(res.stdout)
     no_leftovers(workdir)
+
+
+def test_demo_in_a_private_directory_falls_back_to_the_embedded_mta(tmp_path):
+    res = run_demo(tmp_path / "demo")  # pytest's tmp dirs are root-only: Postfix could not deliver there
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "embedded aiosmtpd MTA" in res.stdout and "not searchable by others" in res.stdout
+    check_summary(res.stdout)
+    no_leftovers(tmp_path / "demo")
 
 
 def test_demo_as_an_ordinary_user_uses_the_copy_backend():

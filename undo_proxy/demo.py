@@ -62,6 +62,11 @@ class DemoError(Exception):
     pass
 
 
+def searchable_by_others(path: Path) -> bool:
+    """Whether every directory above `path` lets other users pass (Postfix's and Dovecot's do)."""
+    return all(os.stat(p).st_mode & 0o001 for p in path.parents)
+
+
 @dataclass
 class Phase:
     name: str
@@ -207,9 +212,14 @@ postmaster = "postmaster@{DOMAIN}"
 
     def choose_mail(self, maildirs: Path, port: int) -> "MailBackend":
         """Postfix when it is installed and we are root (a private instance), else the embedded MTA."""
-        if os.geteuid() == 0 and postfix_binary():
+        if os.geteuid() != 0:
+            why = "not running as root"
+        elif not postfix_binary():
+            why = "Postfix is not installed"
+        elif not searchable_by_others(self.workdir):
+            why = f"Postfix's users cannot enter {self.workdir}: a parent directory is not searchable by others"
+        else:
             return PostfixMail(PrivatePostfix(self.workdir / "postfix", maildirs, DOMAIN, USERS, port))
-        why = "not running as root" if os.geteuid() != 0 else "Postfix is not installed"
         return EmbeddedMail(self, maildirs, port, why)
 
     async def start_services(self, cfg: Path, volume: Path, ports: dict[str, int]) -> None:

@@ -29,7 +29,10 @@ class PrivatePostfix:
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:3])} failed: {(res.stderr or res.stdout).strip()[:300]}")
+            log = self.base / "maillog"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            why = (res.stderr or res.stdout).strip() or " / ".join(tail) or f"exit {res.returncode}"
+            raise RuntimeError(f"{' '.join(argv[:3])} failed: {why[:300]}")
         return res
 
     @property
