@@ -382,8 +382,10 @@ def test_cycles_and_status_round_trip(tl: Timeline) -> None:
 def test_inconsistencies_round_trip(tl: Timeline) -> None:
     cid = tl.create_cycle(state="review", snapshot="s1", pre_rewind_snapshot=None, rewind_to_seq=0,
                           base_seq=0, end_seq=0)
-    other = tl.create_cycle(state="cancelled", snapshot="s1", pre_rewind_snapshot=None, rewind_to_seq=0,
+    other = tl.create_cycle(state="committed", snapshot="s1", pre_rewind_snapshot=None, rewind_to_seq=0,
                             base_seq=0, end_seq=0)
+    dropped = tl.create_cycle(state="cancelled", snapshot="s1", pre_rewind_snapshot=None, rewind_to_seq=0,
+                              base_seq=0, end_seq=0)
 
     def insert(cycle: int, seq: int, kind: str, compensation: str = "pending") -> int:
         return tl.run(lambda s: Timeline.insert_inconsistency(
@@ -393,7 +395,8 @@ def test_inconsistencies_round_trip(tl: Timeline) -> None:
     first = insert(cid, 23, "output-changed")
     second = insert(cid, 24, "status-changed", "none")
     third = insert(other, 25, "output-changed")
-    assert first < second < third
+    fourth = insert(dropped, 26, "output-changed")  # a cancelled cycle's: never compensated
+    assert first < second < third < fourth
 
     items = tl.inconsistencies(cycle=cid)
     assert [i["id"] for i in items] == [first, second]
@@ -402,7 +405,7 @@ def test_inconsistencies_round_trip(tl: Timeline) -> None:
                         "kind": "output-changed", "detail": "verb 23: output-changed", "compensation": "pending",
                         "replay_seq": 123, "compensation_detail": None}
     assert_utc_iso(items[0]["time"])
-    assert [i["id"] for i in tl.inconsistencies()] == [first, second, third]
+    assert [i["id"] for i in tl.inconsistencies()] == [first, second, third, fourth]
     assert [i["id"] for i in tl.inconsistencies(ids=[third, first])] == [first, third]
     assert [i["id"] for i in tl.inconsistencies(pending_only=True)] == [first, third]
     assert tl.cycle(cid)["inconsistencies"] == 2 and tl.cycle(other)["inconsistencies"] == 1
