@@ -262,14 +262,6 @@ class Timeline:
             return snapshot_json(row) if row else None
         return self.run(q)
 
-    def snapshot_at_or_before(self, when: datetime) -> dict[str, Any] | None:
-        def q(s: Session) -> dict[str, Any] | None:
-            row = s.scalars(select(SnapshotRow).where(SnapshotRow.time <= when, SnapshotRow.valid.is_(True),
-                                                      SnapshotRow.deleted.is_(False))
-                            .order_by(SnapshotRow.time.desc()).limit(1)).first()
-            return snapshot_json(row) if row else None
-        return self.run(q)
-
     def last_seq_at(self, when: datetime) -> int:
         return self.run(lambda s: s.scalar(select(func.max(VerbRow.seq)).where(VerbRow.time <= when)) or 0)
 
