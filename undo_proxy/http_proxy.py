@@ -29,6 +29,7 @@ from verbs.http import HttpRequestHead
 
 log = logging.getLogger("undo_proxy.http")
 RETRY_AFTER = "30"
+SMALL_BODY = 64 * 1024  # read answers up to this size are sent in one piece, not streamed
 # Response headers the proxy sets itself from what it sends.
 _RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
 
@@ -296,8 +297,8 @@ class HttpFrontendServer:
         return resp
 
     def _response_head(self, status: int, reason: str, headers: list[tuple[str, str]],
-                       method: str) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, reason=reason or None)
+                       method: str, kind: type[web.StreamResponse] = web.StreamResponse) -> web.StreamResponse:
+        resp = kind(status=status, reason=reason or None)
         for k, v in strip_hop_by_hop(headers):
             if k.lower() in _RESPONSE_FRAMING and not (k.lower() == "content-length" and method == "HEAD"):
                 continue
@@ -344,6 +345,15 @@ class HttpFrontendServer:
                     resp.content_length = expected
                 no_body = request.method == "HEAD" or status in (204, 304) or expected == 0
                 try:
+                    if not no_body and expected is not None and expected <= SMALL_BODY:
+                        # A small answer goes out in one write, head and body together.
+                        body = await up.content.readexactly(expected)
+                        writer.write(body)
+                        kept.append(body)
+                        await record(status, reason, headers)
+                        whole = self._response_head(status, reason, headers, request.method, web.Response)
+                        whole.body = body
+                        return whole
                     if no_body:
                         await record(status, reason, headers)
                     await resp.prepare(request)
