@@ -40,6 +40,7 @@ __all__ = [
     "PostgresServer",
     "WsgiDav",
     "btrfs_volume",
+    "file_tree",
     "find_tool",
     "free_port",
     "postgres_server",
@@ -52,6 +53,19 @@ SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def file_tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root, and "dir" for every directory: a state, exactly."""
+    import hashlib
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
 
 
 def free_port(host: str = HOST) -> int:

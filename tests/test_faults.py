@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends import find_tool, free_port, wait_port
+from tests.backends import file_tree, find_tool, free_port, wait_port
 from tests.daemon import Stack, write_config
 from tests.rawnet import RawUpstream, all_verbs, count, metric, raw_frontend
 
@@ -42,14 +42,6 @@ def wait_log(stack: Stack, text: str, timeout: float = 5) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line with {text!r}:\n{stack.log_text()[-3000:]}")
         time.sleep(0.05)
-
-
-def tree(root: Path) -> dict[str, str]:
-    import hashlib
-    out = {}
-    for p in sorted(root.rglob("*")):
-        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
 
 
 @pytest.fixture
@@ -279,7 +271,7 @@ def test_failing_btrfs_gives_a_clear_error_and_never_a_half_done_rewind(own_stac
     assert status == 201, snap
     assert request(port, "PUT", "/a.txt", b"two")[0] == 204
     assert request(port, "PUT", "/b.txt", b"three")[0] == 201
-    before = tree(btrfs_mount.volume)
+    before = file_tree(btrfs_mount.volume)
     store_before = sorted(p.name for p in btrfs_mount.store.iterdir())
 
     # 1. every btrfs snapshot fails: `snapshot take` exits 1 with btrfs's message; traffic goes on
@@ -293,7 +285,7 @@ def test_failing_btrfs_gives_a_clear_error_and_never_a_half_done_rewind(own_stac
     assert res.returncode == 1, res
     assert "rewind failed, nothing changed" in res.stderr and "injected failure" in res.stderr, res.stderr
     assert stack.api("GET", "/api/status")[1]["mode"] == "live"
-    assert tree(btrfs_mount.volume) == before
+    assert file_tree(btrfs_mount.volume) == before
     assert sorted(p.name for p in btrfs_mount.store.iterdir()) == store_before
     assert "rewind failed" in stack.log_text() and "snapshot" in stack.log_text()
     # 3. the clone works but marking the set-aside volume read-only fails: undone just the same
@@ -302,25 +294,25 @@ def test_failing_btrfs_gives_a_clear_error_and_never_a_half_done_rewind(own_stac
     assert res.returncode == 1, res
     assert "rewind failed, nothing changed" in res.stderr and "injected failure" in res.stderr, res.stderr
     assert stack.api("GET", "/api/status")[1]["mode"] == "live"
-    assert tree(btrfs_mount.volume) == before
+    assert file_tree(btrfs_mount.volume) == before
     assert sorted(p.name for p in btrfs_mount.store.iterdir() if not p.name.startswith(".")) == store_before
     assert request(port, "PUT", "/b.txt", b"three")[0] == 204   # traffic goes on (same content)
     # 4. a cancel that cannot set the pre-rewind volume writable changes nothing: the cycle stays open,
     #    traffic is refused, and `cancel` works once btrfs does
     flag.write_text("")
     assert stack.api("POST", "/api/rewind", {"to": snap["id"]})[0] == 200
-    rewound = tree(btrfs_mount.volume)
+    rewound = file_tree(btrfs_mount.volume)
     flag.write_text("property\n")
     res = stack.cli("cancel", check=False)
     assert res.returncode == 1 and "retry `cancel`" in res.stderr, res
     assert "cannot bring the pre-rewind state back" in stack.log_text()
     assert stack.api("GET", "/api/status")[1]["mode"] == "rewound"
-    assert tree(btrfs_mount.volume) == rewound
+    assert file_tree(btrfs_mount.volume) == rewound
     assert request(port, "PUT", "/c.txt", b"refused")[0] == 503   # nothing reaches the backend meanwhile
     flag.write_text("")              # the fault goes away
     assert stack.api("POST", "/api/cancel")[0] == 200
     assert stack.api("GET", "/api/status")[1]["mode"] == "live"
-    assert tree(btrfs_mount.volume) == before
+    assert file_tree(btrfs_mount.volume) == before
     # recovered: traffic, snapshots and rewinds work again
     assert request(port, "PUT", "/c.txt", b"after")[0] == 201
     assert stack.api("POST", "/api/snapshots", {})[0] == 201

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import file_tree
+
 from storage.snapshots import (BtrfsBackend, CopyBackend, SnapshotBackend, SnapshotError, make_backend, new_id,
                                valid_id)
 
@@ -18,16 +20,6 @@ T0 = datetime(2026, 12, 3, 16, 20, 0, tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------- helpers
-def tree(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file, plus every directory as 'dir'."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return out
 
 
 def populate(volume: Path) -> None:
@@ -60,7 +52,7 @@ async def test_btrfs_take_is_read_only_and_delete_removes_it(btrfs_mount):
     sid = new_id(set(), T0)
     path = await backend.take(sid)
     assert path == btrfs_mount.store / sid
-    assert tree(path) == tree(btrfs_mount.volume)
+    assert file_tree(path) == file_tree(btrfs_mount.volume)
     assert is_readonly(path)
     with pytest.raises(OSError):
         (path / "page.html").write_text("vandalized")
@@ -84,29 +76,29 @@ async def test_btrfs_rewind_keeps_the_old_volume_and_restore_brings_it_back_exac
     backend = await make_backend("btrfs", vol, btrfs_mount.store)
     snap = new_id(set(), T0)
     await backend.take(snap)
-    at_snapshot = tree(vol)
+    at_snapshot = file_tree(vol)
 
     # history goes on after the snapshot
     (vol / "docs" / "a.txt").write_bytes(b"alpha, edited\n")
     (vol / "docs" / "c.txt").write_bytes(b"gamma\n")
     (vol / "page.html").unlink()
-    before = tree(vol)
+    before = file_tree(vol)
     uuid_before = subvolume_uuid(vol)
     c_identity = identity(vol / "docs" / "c.txt")
 
     pre = new_id({snap}, T0)
     await backend.rewind(snap, pre)
-    assert tree(vol) == at_snapshot
+    assert file_tree(vol) == at_snapshot
     assert not is_readonly(vol)
     (vol / "written-while-rewound.txt").write_text("replayed")  # the rewound volume is writable
     # the pre-rewind volume is kept, read-only, as it was
     kept = backend.path_of(pre)
-    assert tree(kept) == before
+    assert file_tree(kept) == before
     assert is_readonly(kept)
     assert subvolume_uuid(kept) == uuid_before
 
     await backend.restore(pre)
-    assert tree(vol) == before
+    assert file_tree(vol) == before
     assert subvolume_uuid(vol) == uuid_before  # the very same subvolume, not a copy
     assert identity(vol / "docs" / "c.txt") == c_identity
     assert not is_readonly(vol)
@@ -119,10 +111,10 @@ async def test_btrfs_rewind_to_a_missing_snapshot_changes_nothing(btrfs_mount):
     vol = btrfs_mount.volume
     populate(vol)
     backend = await make_backend("btrfs", vol, btrfs_mount.store)
-    before, uuid_before = tree(vol), subvolume_uuid(vol)
+    before, uuid_before = file_tree(vol), subvolume_uuid(vol)
     with pytest.raises(SnapshotError, match="missing"):
         await backend.rewind(new_id(set(), T0), new_id(set(), T0.replace(minute=21)))
-    assert tree(vol) == before
+    assert file_tree(vol) == before
     assert subvolume_uuid(vol) == uuid_before
     assert list(btrfs_mount.store.iterdir()) == []
 
@@ -134,11 +126,11 @@ async def test_btrfs_rewind_that_fails_midway_moves_the_volume_back(btrfs_mount)
     # a "snapshot" that is a plain directory: btrfs cannot snapshot it, after the volume was set aside
     bogus = new_id(set(), T0)
     (btrfs_mount.store / bogus).mkdir()
-    before, uuid_before = tree(vol), subvolume_uuid(vol)
+    before, uuid_before = file_tree(vol), subvolume_uuid(vol)
     pre = new_id({bogus}, T0)
     with pytest.raises(SnapshotError):
         await backend.rewind(bogus, pre)
-    assert tree(vol) == before
+    assert file_tree(vol) == before
     assert subvolume_uuid(vol) == uuid_before
     assert not is_readonly(vol)
     assert not backend.path_of(pre).exists()
@@ -174,29 +166,29 @@ async def test_copy_backend_cycle_on_a_plain_dir(tmp_path):
     backend = await make_backend("copy", vol, store)
     snap = new_id(set(), T0)
     await backend.take(snap)
-    at_snapshot = tree(vol)
-    assert tree(store / snap) == at_snapshot
+    at_snapshot = file_tree(vol)
+    assert file_tree(store / snap) == at_snapshot
     assert identity(store / snap / "page.html")[1] == identity(vol / "page.html")[1]  # cp -a keeps mtimes
 
     (vol / "docs" / "a.txt").write_bytes(b"edited")
     (vol / "page.html").unlink()
-    before = tree(vol)
+    before = file_tree(vol)
     a_identity = identity(vol / "docs" / "a.txt")
 
     pre = new_id({snap}, T0)
     await backend.rewind(snap, pre)
-    assert tree(vol) == at_snapshot
-    assert tree(backend.path_of(pre)) == before
+    assert file_tree(vol) == at_snapshot
+    assert file_tree(backend.path_of(pre)) == before
     (vol / "new.txt").write_text("replayed")
 
     await backend.restore(pre)
-    assert tree(vol) == before
+    assert file_tree(vol) == before
     assert identity(vol / "docs" / "a.txt") == a_identity  # moved back, not copied
     assert sorted(p.name for p in store.iterdir()) == [snap]
 
     with pytest.raises(SnapshotError, match="missing"):
         await backend.rewind(new_id(set(), T0.replace(hour=1)), new_id(set(), T0.replace(hour=2)))
-    assert tree(vol) == before
+    assert file_tree(vol) == before
 
     await backend.delete(snap)
     assert list(store.iterdir()) == []

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from tests.backends import free_port
+from tests.backends import file_tree, free_port
 from tests.daemon import UNDO_PROXY, Stack
 
 VERB_KEYS = {"seq", "time", "protocol", "verb", "targets", "mutates", "status", "origin", "cycle", "original_seq",
@@ -64,18 +64,6 @@ def put(stack: Stack, path: str, data: bytes | str, expect: tuple[int, ...] = (2
 
 def get(stack: Stack, path: str) -> Resp:
     return call(stack.url, "GET", path)
-
-
-def tree(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root, and 'dir' for every directory."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return out
 
 
 def expected_tree(files: dict[str, bytes | str], dirs: tuple[str, ...] = ()) -> dict[str, str]:
@@ -128,13 +116,13 @@ def cycle_of(stack: Stack, cid: int) -> dict[str, Any]:
 
 def assert_refused(stack: Stack, volume: Path) -> None:
     """While a cycle is open: 503 + Retry-After for reads and writes, and nothing reaches the backend."""
-    before_tree, before_seq = tree(volume), api_ok(stack, "GET", "/api/status")["last_seq"]
+    before_tree, before_seq = file_tree(volume), api_ok(stack, "GET", "/api/status")["last_seq"]
     for method, path, body in (("PUT", "/intruder.txt", b"x"), ("GET", "/intruder.txt", None),
                                ("DELETE", "/", None), ("MKCOL", "/intruder", None), ("PROPFIND", "/", None)):
         r = call(stack.url, method, path, body)
         assert r.status == 503, (method, r.status)
         assert r.headers.get("retry-after", "").isdigit(), r.headers
-    assert tree(volume) == before_tree
+    assert file_tree(volume) == before_tree
     assert api_ok(stack, "GET", "/api/status")["last_seq"] == before_seq
 
 
@@ -189,7 +177,7 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
     snap = stack.cli_json("snapshot", "take", "--label", "before")
     assert SNAPSHOT_KEYS <= snap.keys() and snap["label"] == "before" and snap["backend"] == "btrfs"
     assert Path(snap["path"]).is_dir()
-    at_snapshot = tree(vol)
+    at_snapshot = file_tree(vol)
 
     put(stack, "/notes.txt", "n1")                                   # good
     assert get(stack, "/docs/a.txt").body == b"alpha"                # a read before the damage
@@ -218,7 +206,7 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
     cid = cycle["id"]
     st = stack.cli_json("status")                       # read straight from the timeline database
     assert STATUS_KEYS <= st.keys() and st["mode"] == "rewound" and st["cycle"] == cid
-    assert tree(vol) == at_snapshot
+    assert file_tree(vol) == at_snapshot
     assert_refused(stack, vol)
 
     assert "bad delete" in stack.cli("repair", "--note", "bad delete and defacement skipped").stdout + \
@@ -249,7 +237,7 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
 
     good = expected_tree({"docs/a.txt": "alpha", "docs/b.txt": "beta", "docs/c.txt": "gamma",
                           "index.html": "<h1>home</h1>", "notes.txt": "n2", "news.txt": "fresh"}, dirs=("docs",))
-    assert tree(vol) == good
+    assert file_tree(vol) == good
 
     done = stack.cli_json("commit")
     assert done["state"] == "committed"
@@ -257,7 +245,7 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
     assert get(stack, "/index.html").body == b"<h1>home</h1>"
     assert get(stack, "/docs/b.txt").body == b"beta"
     assert get(stack, "/intruder.txt").status == 404
-    assert tree(vol) == good
+    assert file_tree(vol) == good
 
     acked = stack.cli_json("compensate", "--all")
     assert sorted(i["id"] for i in acked) == sorted(i["id"] for i in items)
@@ -278,12 +266,12 @@ def test_at_seq_and_iso_time_rewinds_are_exact_and_cancel_restores_byte_for_byte
     time.sleep(0.05)
     assert call(stack.url, "DELETE", "/b.txt").status == 204
     put(stack, "/d.txt", os.urandom(100_000))
-    pre = tree(vol)
+    pre = file_tree(vol)
     d_stat = os.stat(vol / "d.txt")
 
     cycle = stack.cli_json("rewind", "--to", f"@{seq_c}", "--yes")
     assert cycle["rewind_to_seq"] == seq_c and cycle["snapshot"] == snap["id"] and cycle["state"] == "rewound"
-    assert tree(vol) == expected_tree({"a.txt": "a1", "b.txt": "b1", "c.txt": "c1"})
+    assert file_tree(vol) == expected_tree({"a.txt": "a1", "b.txt": "b1", "c.txt": "c1"})
     assert_refused(stack, vol)
 
     stack.kill()
@@ -291,24 +279,24 @@ def test_at_seq_and_iso_time_rewinds_are_exact_and_cancel_restores_byte_for_byte
     stack.start()  # the cycle survives a daemon restart
     assert status(stack)["mode"] == "rewound"
     assert call(stack.url, "PUT", "/x.txt", b"x").status == 503
-    assert tree(vol) == expected_tree({"a.txt": "a1", "b.txt": "b1", "c.txt": "c1"})
+    assert file_tree(vol) == expected_tree({"a.txt": "a1", "b.txt": "b1", "c.txt": "c1"})
     # replaying everything after SEQ gives the same content back (new files, though: cancel must undo it)
     replayed = api_ok(stack, "POST", "/api/replay", {"skip": []})
     assert replayed["replayed"] == 3 and replayed["inconsistencies"] == 0
-    assert tree(vol) == pre
+    assert file_tree(vol) == pre
 
     cancelled = stack.cli_json("cancel")
     assert cancelled["state"] == "cancelled"
     assert status(stack)["mode"] == "live"
-    assert tree(vol) == pre
+    assert file_tree(vol) == pre
     now = os.stat(vol / "d.txt")
     assert (now.st_ino, now.st_mtime_ns, now.st_size) == (d_stat.st_ino, d_stat.st_mtime_ns, d_stat.st_size)
     assert get(stack, "/a.txt").body == b"a2"
 
     assert api_ok(stack, "POST", "/api/rewind", {"to": when})["rewind_to_seq"] == seq_c + 1
-    assert tree(vol) == expected_tree({"a.txt": "a2", "b.txt": "b1", "c.txt": "c1"})
+    assert file_tree(vol) == expected_tree({"a.txt": "a2", "b.txt": "b1", "c.txt": "c1"})
     api_ok(stack, "POST", "/api/cancel")
-    assert tree(vol) == pre
+    assert file_tree(vol) == pre
     # pre-rewind snapshots of cancelled cycles are gone; the base snapshot stays
     assert [s["id"] for s in api_ok(stack, "GET", "/api/snapshots")] == [snap["id"]]
     assert sorted(p.name for p in stack.store.iterdir()) == [snap["id"]]
@@ -318,7 +306,7 @@ def test_at_seq_and_iso_time_rewinds_are_exact_and_cancel_restores_byte_for_byte
     assert stack.api("POST", "/api/rewind", {"to": "20990101T000000Z"})[0] == 404
     assert stack.api("POST", "/api/rewind", {"to": "2000-01-01T00:00:00Z"})[0] == 409
     assert stack.api("POST", "/api/rewind", {"to": "yesterday"})[0] == 400
-    assert status(stack)["mode"] == "live" and tree(vol) == pre
+    assert status(stack)["mode"] == "live" and file_tree(vol) == pre
 
 
 # --------------------------------------------------------------------------- snapshots: CLI and retention
@@ -410,7 +398,7 @@ def test_a_daemon_killed_mid_replay_resumes_or_cancels(btrfs_stack):
     bodies = {f"/p{i % 60:02d}-{i // 60}.txt": f"payload {i} ".encode() * 50 for i in range(n)}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda kv: put(stack, *kv), bodies.items()))
-    pre = tree(vol)
+    pre = file_tree(vol)
     good = expected_tree({"keep.txt": "keep", **{k.lstrip("/"): v for k, v in bodies.items()}})
 
     # 1: killed mid-replay, restarted: still replaying, and `cancel` restores the pre-rewind tree
@@ -422,7 +410,7 @@ def test_a_daemon_killed_mid_replay_resumes_or_cancels(btrfs_stack):
     assert call(stack.url, "GET", "/keep.txt").status == 503
     api_ok(stack, "POST", "/api/cancel")
     assert status(stack)["mode"] == "live"
-    assert tree(vol) == pre
+    assert file_tree(vol) == pre
 
     # 2: killed mid-replay, restarted: `replay` resumes where it stopped and finishes, no verb twice
     cycle = api_ok(stack, "POST", "/api/rewind", {"to": snap["id"]})
@@ -438,7 +426,7 @@ def test_a_daemon_killed_mid_replay_resumes_or_cancels(btrfs_stack):
     assert len(originals) == len(set(originals)) == n
     assert bad not in originals
     assert len(replays) > first
-    assert tree(vol) == good
+    assert file_tree(vol) == good
     api_ok(stack, "POST", "/api/commit")
     assert status(stack)["mode"] == "live"
     assert get(stack, "/keep.txt").body == b"keep"
@@ -463,14 +451,14 @@ def test_a_second_cycle_replays_the_effective_history(btrfs_stack):
     put(stack, "/d.txt", "d")
     d_seq = seq_of(stack, "webdav.put", "/d.txt")
     c2 = api_ok(stack, "POST", "/api/rewind", {"to": snap["id"]})
-    assert tree(vol) == expected_tree({"a.txt": "a"})
+    assert file_tree(vol) == expected_tree({"a.txt": "a"})
     cycle = api_ok(stack, "POST", "/api/replay", {"skip": []})
     # the committed replay's GET saw the 404 (an error page with another timestamp is still the same 404)
     assert cycle["inconsistencies"] == 0, api_ok(stack, "GET", f"/api/inconsistencies?cycle={c2['id']}")
     second = verbs(stack, cycle=c2["id"])
     # the committed replays and the later live verb; never the superseded originals (nor the bad one)
     assert sorted(v["original_seq"] for v in second) == sorted([v["seq"] for v in first_replays] + [d_seq])
-    assert tree(vol) == expected_tree({"a.txt": "a", "b.txt": "b", "d.txt": "d"})
+    assert file_tree(vol) == expected_tree({"a.txt": "a", "b.txt": "b", "d.txt": "d"})
     api_ok(stack, "POST", "/api/commit")
     assert get(stack, "/c.txt").status == 404
 
