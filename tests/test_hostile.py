@@ -257,7 +257,7 @@ def test_oversized_headers_and_bodies_are_refused_before_the_upstream(hostile):
     cases = [
         (b"GET /big/header HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n", 431),
         (b"GET /big/many HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(500)) + b"\r\n", 431),
-        (b"GET /big/" + b"u" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", (414, 431)),
+        (b"GET /big/" + b"u" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"PUT /big/cl HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1) + b"z" * (MAX_BODY + 1), 413),
         (b"PUT /big/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
          + b"".join(b"4000\r\n" + b"c" * 0x4000 + b"\r\n" for _ in range(6)) + b"0\r\n\r\n", 413),

@@ -29,6 +29,8 @@ from verbs.http import HttpRequestHead
 
 log = logging.getLogger("undo_proxy.http")
 RETRY_AFTER = "30"
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_FIELD = 8190
 SMALL_BODY = 64 * 1024  # read answers up to this size are sent in one piece, not streamed
 # Response headers the proxy sets itself from what it sends.
 _RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
@@ -40,7 +42,8 @@ class _Handler(web_protocol.RequestHandler):
 
     def handle_error(self, request, status=500, exc=None, message=None):  # noqa: ANN001, ANN201
         if isinstance(exc, LineTooLong):
-            status, message = (414, "URI Too Long") if "status line" in str(exc).lower() \
+            # aiohttp names the limit it hit: the request line's is set apart from the header fields'.
+            status, message = (414, "URI Too Long") if exc.args[1:2] == (MAX_REQUEST_LINE,) \
                 else (431, "Request Header Fields Too Large")
         elif isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
             status, message = 431, "Request Header Fields Too Large"
@@ -80,7 +83,7 @@ class HttpFrontendServer:
     async def start(self) -> None:
         # keepalive_timeout also bounds how long a client may take to send a request's headers (aiohttp
         # closes a connection still waiting for a whole request when it expires): slowloris is cut off.
-        server = _Server(self.handle, max_line_size=8190, max_field_size=8190, max_headers=100,
+        server = _Server(self.handle, max_line_size=MAX_REQUEST_LINE, max_field_size=MAX_HEADER_FIELD, max_headers=100,
                          handler_cancellation=False, keepalive_timeout=self.cfg.client_timeout)
         self.runner = web.ServerRunner(server, shutdown_timeout=5)
         await self.runner.setup()
