@@ -5,7 +5,6 @@ and recorded bodies are served only as images (allow-listed types) or as downloa
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -222,8 +221,7 @@ class WebUi:
         session = self.session(request)
         if session is None:
             return False
-        return request.method in SAFE_METHODS or hmac.compare_digest(
-            request.headers.get("X-CSRF-Token", "").encode(), session.csrf.encode())
+        return request.method in SAFE_METHODS or token_ok(request.headers.get("X-CSRF-Token"), session.csrf)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -236,7 +234,7 @@ class WebUi:
         request["session"] = session
         if request.method not in SAFE_METHODS:
             form = await request.post()
-            if not hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
+            if not token_ok(str(form.get("csrf", "")), session.csrf):
                 return web.Response(status=403, text="The form's CSRF token is missing or wrong: reload the "
                                                      "page and try again.\n")
         return await handler(request)
@@ -320,7 +318,7 @@ class WebUi:
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
         nonce = request.cookies.get(LOGIN_COOKIE, "")
-        if not nonce or not hmac.compare_digest(str(form.get("csrf", "")).encode(), nonce.encode()):
+        if not nonce or not token_ok(str(form.get("csrf", "")), nonce):
             return await self.login_form(request, "The login form expired: try again.")
         if not token_ok(str(form.get("token", "")), self.api.token):
             await asyncio.sleep(0.5)  # slows down guessing
