@@ -40,3 +40,16 @@ def test_a_cancelled_cycles_findings_are_not_compensated(proxy_stack):
     refused = stack.cli("compensate", str(item["id"]), check=False)
     assert refused.returncode == 1 and "cancelled" in refused.stderr
     assert json.loads(stack.cli("inconsistencies", "--json").stdout)[0]["compensation"] == "none"
+
+
+def test_a_snapshot_taken_but_never_recorded_is_removed_at_start(proxy_stack):
+    """A kill between the snapshot and its record leaves a directory the timeline does not know."""
+    stack = proxy_stack()
+    known = stack.cli_json("snapshot", "take")
+    orphan = stack.store / "20200101T000000Z"
+    orphan.mkdir()
+    (orphan / "x").write_text("x")
+    stack.restart()
+    assert not orphan.exists()
+    assert (stack.store / known["id"]).is_dir()
+    assert "never recorded" in stack.log_text()

@@ -90,6 +90,23 @@ class UndoManager:
             cycle = None
         self.gate.mode = mode_of(cycle)
         metrics.MODE.set(0 if cycle is None else 1)
+        await self._remove_orphans()
+
+    async def _remove_orphans(self) -> None:
+        """A crash between taking a snapshot and recording it leaves one the timeline does not know: it is
+        no rewind point (its after_seq is unknown), so it goes. Anything a cycle names is kept."""
+        if self.backend is None or not self.backend.store.is_dir():
+            return
+        known = {s["id"] for s in await self.db(self.timeline.snapshots, True)}
+        known |= {sid for c in await self.db(self.timeline.cycles)
+                  for sid in (c["snapshot"], c["pre_rewind_snapshot"]) if sid}
+        for entry in sorted(self.backend.store.iterdir()):
+            if valid_id(entry.name) and entry.name not in known:
+                try:
+                    await self.backend.delete(entry.name)
+                    log.warning("removed snapshot %s: taken, but never recorded (the daemon stopped)", entry.name)
+                except SnapshotError as exc:
+                    log.error("could not remove the unrecorded snapshot %s: %s", entry.name, exc)
 
     def _need_backend(self) -> SnapshotBackend:
         if self.backend is None:
