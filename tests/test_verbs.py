@@ -113,6 +113,9 @@ def test_lock_token_and_location_are_translated_on_replay():
     assert request["path"] == "/items/1"  # the recorded request itself is left alone
     assert pack.translate({"path": "/items/10/x", "headers": []}, names)["path"] == "/items/10/x"
     assert pack.translate({"path": "/items/1/x?y", "headers": []}, names)["path"] == "/items/7/x?y"
+    chained = {"/items/1": "/items/2", "/items/2": "/items/3"}   # ids handed out again, shifted by one
+    assert pack.translate({"path": "/items/1", "headers": []}, chained)["path"] == "/items/2"
+    assert pack.translate({"path": "/items/2", "headers": []}, chained)["path"] == "/items/3"
 
 
 def test_load_pack():

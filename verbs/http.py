@@ -127,11 +127,13 @@ class HttpPack:
         if not names:
             return request
 
+        # One pass, longest name first, whole names only: "/items/1" must not rewrite "/items/10", and a
+        # name that became another (1 -> 2) is not rewritten again by a later rename (2 -> 3).
+        alternatives = "|".join(re.escape(old) for old in sorted(names, key=len, reverse=True))
+        pattern = re.compile(f"(?:{alternatives})(?=[/?#>)\\s,]|$)")
+
         def sub(text: str) -> str:
-            for old, new in names.items():
-                # whole names only: "/items/1" must not rewrite "/items/10"
-                text = re.sub(re.escape(old) + r"(?=[/?#>)\s,]|$)", lambda _m, n=new: n, text)
-            return text
+            return pattern.sub(lambda m: names[m.group(0)], text)
 
         out = dict(request)
         out["path"] = sub(request["path"])
