@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import sys

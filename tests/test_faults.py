@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
-import shutil
 import smtplib
 import subprocess
 import time

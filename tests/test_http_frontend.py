@@ -400,7 +400,7 @@ def test_chunked_request_body_arrives_intact(proxy_stack):
 def test_chunked_request_body_reaches_a_raw_upstream_byte_for_byte(raw_stack):
     rs = raw_stack()
     body = os.urandom(300_000)
-    head = f"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    head = "POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     resp = exchange(rs.port, head.encode() + chunked([body[:1], body[1:100_000], body[100_000:]]))
     assert resp.status == 200 and resp.body == b"got %d bytes" % len(body)
     [got] = rs.up.received

@@ -3,7 +3,6 @@ take, delete, rewind (the old volume kept aside) and restore (it comes back exac
 backend selection and snapshot ids."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from datetime import datetime, timezone

@@ -9,7 +9,6 @@ import logging
 import secrets
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path

@@ -334,7 +334,8 @@ class UndoManager:
         except SnapshotError as exc:
             metrics.SNAPSHOT_FAILURES.labels("restore").inc()
             log.error("cycle %d: cannot bring the pre-rewind state back (the cycle stays open): %s", cid, exc)
-            await self.db(lambda: self.timeline.update_cycle(cid, error=f"cancel failed: {exc}"))
+            failure = f"cancel failed: {exc}"
+            await self.db(lambda: self.timeline.update_cycle(cid, error=failure))
             raise OperationError(500, f"cancel failed: {exc}; the cycle stays open, retry `cancel`") from None
         await self._service("start")
         if cycle["pre_rewind_snapshot"]:
@@ -392,7 +393,8 @@ class UndoManager:
             await self._replay_verbs(cid, todo, check=True, already=already)
         except Exception as exc:
             log.exception("cycle %d: replay stopped", cid)
-            await self.db(lambda: self.timeline.update_cycle(cid, error=f"replay stopped: {exc}"))
+            failure = f"replay stopped: {exc}"
+            await self.db(lambda: self.timeline.update_cycle(cid, error=failure))
             raise OperationError(500, f"replay stopped: {exc}; run `replay` again to resume, or `cancel`") from None
         await self.db(lambda: self.timeline.update_cycle(cid, state="review", error=None))
         self.gate.mode = "review"
