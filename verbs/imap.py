@@ -287,7 +287,10 @@ class ImapPack:
             parts.append(criteria[pos:].strip(b" "))
         return [p for p in parts if p != b""]
 
-    async def _messages_op(self, conn: Any, req: dict[str, Any], *command: bytes) -> dict[str, Any]:
+    async def _messages_op(self, conn: Any, req: dict[str, Any], *command: bytes,
+                           delete_first: bool = False) -> dict[str, Any]:
+        """Run a UID command on the recorded messages found now (`delete_first`: flag them \\Deleted
+        before, as an expunge of exactly them needs)."""
         failed = await self._open(conn, req)
         if failed:
             return failed
@@ -296,6 +299,8 @@ class ImapPack:
             return {"status": "OK", "code": "", "text": "nothing to do", "missing": missing, "expunged": 0}
         from undo_proxy.imap_wire import compact_set
         uids = compact_set(list(found)).encode()
+        if delete_first:
+            await conn.check(b"UID", b"STORE", uids, b"+FLAGS.SILENT", b"(\\Deleted)")
         untagged, tagged = await conn.command(b"UID", command[0], uids, *command[1:])
         out = status_output(tagged, untagged)
         out["missing"] = missing
@@ -314,19 +319,7 @@ class ImapPack:
 
     async def _replay_expunge(self, conn: Any, req: dict[str, Any], ctx: ReplayContext) -> dict[str, Any]:
         """Exactly the recorded messages: flagged \\Deleted, then UID EXPUNGE of just them (UIDPLUS)."""
-        failed = await self._open(conn, req)
-        if failed:
-            return failed
-        found, missing = await self.locate(conn, req["messages"])
-        if not found:
-            return {"status": "OK", "code": "", "text": "nothing to expunge", "missing": missing, "expunged": 0}
-        from undo_proxy.imap_wire import compact_set
-        uids = compact_set(list(found)).encode()
-        await conn.check(b"UID", b"STORE", uids, b"+FLAGS.SILENT", b"(\\Deleted)")
-        untagged, tagged = await conn.command(b"UID", b"EXPUNGE", uids)
-        out = status_output(tagged, untagged)
-        out["missing"] = missing
-        return out
+        return await self._messages_op(conn, req, b"EXPUNGE", delete_first=True)
 
     async def _replay_append(self, conn: Any, req: dict[str, Any], ctx: ReplayContext) -> dict[str, Any]:
         from undo_proxy.imap_upstream import Lit, astring
