@@ -115,13 +115,13 @@ def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, cfg: Config) -> None:
-    from undo_proxy.daemon import StartupError, serve
+    from undo_proxy.daemon import StartupError, run
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(cfg))
+        run(cfg)
     except (StartupError, TimelineUnavailable) as exc:
         die(1, str(exc))
 
