@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any, BinaryIO, Iterator
 CHUNK = 256 * 1024
 SPILL = 256 * 1024  # a body larger than this goes to a temp file as it arrives
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+REMEMBERED = 1 << 16  # digests known to be stored, kept in memory so a repeated body costs no stat
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -34,14 +37,36 @@ class BlobStore:
         for d in (root, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(d, 0o700)
+        self._root = str(root)
+        # Blobs are never deleted by undo-proxy, so a digest once seen stored stays stored.
+        self._stored: dict[str, int] = {}  # digest -> stored (compressed) size
 
     def path_of(self, digest: str) -> Path:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return Path(self._location(digest))
+
+    def _location(self, digest: str) -> str:
+        if not _DIGEST.fullmatch(digest):
             raise ValueError(f"not a SHA-256 digest: {digest!r}")
-        return self.root / digest[:2] / digest[2:]
+        return f"{self._root}/{digest[:2]}/{digest[2:]}"
 
     def exists(self, digest: str) -> bool:
-        return self.path_of(digest).exists()
+        return self.stored_size(digest) is not None
+
+    def stored_size(self, digest: str) -> int | None:
+        """The blob's size on disk, or None when it is not stored."""
+        size = self._stored.get(digest)
+        if size is None:
+            try:
+                size = os.stat(self._location(digest)).st_size
+            except FileNotFoundError:
+                return None
+            self._remember(digest, size)
+        return size
+
+    def _remember(self, digest: str, stored_size: int) -> None:
+        if len(self._stored) >= REMEMBERED:
+            self._stored.clear()
+        self._stored[digest] = stored_size
 
     def writer(self, limit: int | None = None) -> "BlobWriter":
         """limit: keep hashing past this many bytes but stop storing (the blob is then not kept)."""
@@ -53,7 +78,7 @@ class BlobStore:
         return w.finish()
 
     def open(self, digest: str) -> BinaryIO:
-        return open(self.path_of(digest), "rb")
+        return open(self._location(digest), "rb")
 
     def chunks(self, digest: str, size: int = CHUNK) -> Iterator[bytes]:
         """The original bytes, decompressed, in pieces of about `size`."""
@@ -73,6 +98,9 @@ class BlobStore:
                 yield tail
 
     def read(self, digest: str) -> bytes:
+        with self.open(digest) as f:
+            if os.fstat(f.fileno()).st_size <= SPILL:  # small: one read, one decompress
+                return zlib.decompress(f.read())
         return b"".join(self.chunks(digest))
 
 
@@ -135,12 +163,12 @@ class BlobWriter:
         enough for the event loop), else None and `finish()` has the work to do."""
         if self._mem is None or self.overflow:
             return None
-        try:
-            st = os.stat(self.store.path_of(self.digest))
-        except FileNotFoundError:
+        digest = self.digest
+        stored_size = self.store.stored_size(digest)
+        if stored_size is None:
             return None
         self._mem = None
-        return BlobRef(self.digest, self.size, st.st_size, False)
+        return BlobRef(digest, self.size, stored_size, False)
 
     def finish(self) -> BlobRef:
         """Make the blob durable under its digest. Raises OSError (e.g. ENOSPC) without leaving debris."""
@@ -150,13 +178,12 @@ class BlobWriter:
         final = self.store.path_of(digest)
         try:
             if self._mem is not None:
-                try:
-                    known = os.stat(final)
-                except FileNotFoundError:
+                known = self.store.stored_size(digest)
+                if known is None:
                     self._spill()
                 else:
                     self._mem = None
-                    return BlobRef(digest, self.size, known.st_size, False)
+                    return BlobRef(digest, self.size, known, False)
             tail = self._comp.flush()
             self._file.write(tail)
             self.stored += len(tail)
@@ -166,6 +193,7 @@ class BlobWriter:
             if final.exists():
                 self._tmp.unlink()
                 self._tmp = None
+                self.store._remember(digest, self.stored)
                 return BlobRef(digest, self.size, self.stored, False)
             final.parent.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self._tmp, 0o600)
@@ -176,6 +204,7 @@ class BlobWriter:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+            self.store._remember(digest, self.stored)
             return BlobRef(digest, self.size, self.stored, True)
         except BaseException:
             self.discard()
