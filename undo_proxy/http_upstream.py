@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterable
+from typing import Any, AsyncIterable, Iterable, Sequence
 
 import aiohttp
 from multidict import CIMultiDict
@@ -59,17 +59,25 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
-def forwarded_headers(headers: list[tuple[str, str]], client: str, proto: str = "http") -> list[tuple[str, str]]:
+def forwarded_headers(headers: Iterable[Sequence[str]], client: str, proto: str = "http") -> list[tuple[str, str]]:
     """Add X-Forwarded-For and Forwarded (RFC 7239) for the client, after any the client brought."""
-    out = list(headers)
-    xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
-    out = [(k, v) for k, v in out if k.lower() != "x-forwarded-for"]
+    out: list[tuple[str, str]] = []
+    xff: list[str] = []
+    prior: list[str] = []
+    host = None
+    for k, v in headers:
+        name = k.lower()
+        if name == "x-forwarded-for":
+            xff.append(v)
+        elif name == "forwarded":
+            prior.append(v)
+        else:
+            if name == "host" and host is None:
+                host = v
+            out.append((k, v))
     out.append(("X-Forwarded-For", ", ".join(xff + [client])))
     node = f'"[{client}]"' if ":" in client else client
-    host = next((v for k, v in headers if k.lower() == "host"), None)
     fwd = f"for={node};proto={proto}" + (f';host="{host}"' if host else "")
-    prior = [v for k, v in headers if k.lower() == "forwarded"]
-    out = [(k, v) for k, v in out if k.lower() != "forwarded"]
     out.append(("Forwarded", ", ".join(prior + [fwd])))
     return out
 
@@ -117,7 +125,7 @@ class HttpUpstream:
     def open(self, request: dict[str, Any], data: bytes | AsyncIterable[bytes] | None):
         """Start the upstream request for a recorded request (returns aiohttp's request context)."""
         assert self.session is not None
-        headers = CIMultiDict(forwarded_headers([tuple(h) for h in request["headers"]], request.get("client", "")))
+        headers = CIMultiDict(forwarded_headers(request["headers"], request.get("client", "")))
         if data is None and request["method"] not in ("GET", "HEAD", "OPTIONS", "DELETE"):
             headers.setdefault("Content-Length", "0")
         # encoded=True: the path goes upstream byte for byte as the client sent it.

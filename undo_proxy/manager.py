@@ -403,7 +403,7 @@ class UndoManager:
     async def _replay_verbs(self, cid: int, verbs: list[VerbRow], check: bool, already: int = 0) -> None:
         """Re-execute verbs in recorded order; verbs whose targets are disjoint run concurrently."""
         names: dict[str, dict[str, str]] = {}
-        running: list[tuple[list[str], Any, asyncio.Task]] = []
+        running: list[tuple[list[str], asyncio.Task]] = []
         progress = {"done": already, "last_saved": time.monotonic()}
         total = already + len(verbs)
 
@@ -423,14 +423,15 @@ class UndoManager:
         tasks: list[asyncio.Task] = []
         for row in verbs:
             fe = self.frontends.get(row.frontend)
-            running = [r for r in running if not r[2].done()]
+            running = [r for r in running if not r[1].done()]
             while len(running) >= REPLAY_CONCURRENCY:
-                await asyncio.wait([r[2] for r in running], return_when=asyncio.FIRST_COMPLETED)
-                running = [r for r in running if not r[2].done()]
+                await asyncio.wait([r[1] for r in running], return_when=asyncio.FIRST_COMPLETED)
+                running = [r for r in running if not r[1].done()]
             conflicts = fe.pack.conflicts if fe else (lambda a, b: True)
-            waits = [t for targets, _, t in running if conflicts(targets, list(row.targets))]
+            targets = list(row.targets)
+            waits = [t for other, t in running if conflicts(other, targets)]
             task = asyncio.create_task(one(row, waits))
-            running.append((list(row.targets), row, task))
+            running.append((targets, task))
             tasks.append(task)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await self.committer.flush()

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
 
 from verbs.base import (CompensationResult, Finding, Intent, RecordedVerb, ReplayContext, ReplayResult,
-                        normalize_path, targets_conflict)
+                        normalize_path, paths_overlap, targets_conflict)
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What a read's check ignores: these change on every response without the content changing.
@@ -119,6 +119,8 @@ class HttpPack:
 
     # --- ordering ----------------------------------------------------------------------------
     def conflicts(self, a: list[str], b: list[str]) -> bool:
+        if len(a) == 1 and len(b) == 1:  # the common case, checked against every verb in flight
+            return paths_overlap(a[0], b[0])
         return targets_conflict(a, b)
 
     # --- replay ------------------------------------------------------------------------------
