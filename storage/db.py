@@ -1,11 +1,13 @@
 """Engines and schema upgrades for the timeline database (SQLite in WAL mode, or PostgreSQL)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -45,11 +47,28 @@ def _prepare_sqlite_file(url: str) -> None:
         os.close(fd)
 
 
+def json_text(value: object) -> str:
+    """The timeline's JSON columns, written by orjson (a replay reads and writes tens of thousands of
+    records); what orjson refuses (integers beyond 64 bits, say) is written by the standard library."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value)
+
+
+def json_value(text: str | bytes) -> object:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # NaN and the like, which the standard library writes and reads
+        return json.loads(text)
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
+    codec = {"json_serializer": json_text, "json_deserializer": json_value}
     if is_sqlite(url):
         _prepare_sqlite_file(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **codec)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -67,7 +86,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **codec)
 
 
 def alembic_config(url: str) -> "AlembicConfig":
