@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -217,17 +218,18 @@ class Timeline:
 
     def effective_verbs(self, after_seq: int, up_to_seq: int) -> list[VerbRow]:
         """The verbs that make up the service's current history in (after_seq, up_to_seq], oldest first:
-        committed live verbs and committed cycles' replays, minus what a committed cycle superseded."""
+        committed live verbs and committed cycles' replays, minus what a committed cycle superseded.
+        Read-only rows with VerbRow's attributes (a replay loads tens of thousands: no ORM identity map)."""
         def q(s: Session) -> list[VerbRow]:
             committed = s.execute(select(CycleRow.id, CycleRow.base_seq, CycleRow.end_seq)
                                   .where(CycleRow.state == "committed")).all()
             ids = [c.id for c in committed]
-            stmt = (select(VerbRow).where(VerbRow.seq > after_seq, VerbRow.seq <= up_to_seq,
+            stmt = (select(VerbRow.__table__).where(VerbRow.seq > after_seq, VerbRow.seq <= up_to_seq,
                                           VerbRow.status == "committed")
                     .where(or_(VerbRow.origin == "live", VerbRow.cycle.in_(ids) if ids else False)))
             for c in committed:
                 stmt = stmt.where(not_(and_(VerbRow.seq > c.base_seq, VerbRow.seq <= c.end_seq)))
-            return list(s.scalars(stmt.order_by(VerbRow.seq)))
+            return list(s.execute(stmt.order_by(VerbRow.seq)))  # type: ignore[arg-type]
         return self.run(q)
 
     # --- snapshots -----------------------------------------------------------------------------
@@ -387,6 +389,9 @@ class GroupCommitter:
         self.healthy = True  # False after a write failed, until one succeeds again
         self.unawaited_failures = 0  # writes queued without a waiter that failed (they are only logged)
         self.on_commit: Callable[[int, float, bool], None] | None = None  # (batch size, seconds, ok)
+        # A thread of its own: in the shared default executor, commits queued behind blob writes and
+        # snapshot copies, and every request waiting on a commit waited for them too.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="timeline-writer")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="timeline-writer")
@@ -399,6 +404,7 @@ class GroupCommitter:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._thread.shutdown(wait=False)
 
     def submit(self, op: Callable[[Session], Any]) -> asyncio.Future:
         """Queue op; the future resolves with its result once it is committed (or fails)."""
@@ -431,7 +437,7 @@ class GroupCommitter:
                     break
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            results = await asyncio.to_thread(self._commit, [op for op, _ in batch])
+            results = await loop.run_in_executor(self._thread, self._commit, [op for op, _ in batch])
             self.batches += 1
             self.ops += len(batch)
             self.healthy = all(ok for ok, _ in results)
