@@ -413,9 +413,9 @@ class UndoManager:
             await self._replay_one(cid, row, names.setdefault(row.frontend, {}), check)
             progress["done"] += 1
             now = time.monotonic()
-            metrics.REPLAY_PROGRESS.set(progress["done"] / total if total else 1)
-            if now - progress["last_saved"] > 0.5:
+            if now - progress["last_saved"] > 0.5:  # progress is saved, shown and exported twice a second
                 progress["last_saved"] = now
+                metrics.REPLAY_PROGRESS.set(progress["done"] / total if total else 1)
                 await self.db(lambda n=progress["done"]: self.timeline.update_cycle(cid, replayed=n))
                 self._notify({"cycle": cid, "replayed": progress["done"], "total": total})
 

@@ -2,6 +2,7 @@
 the target is the normalized path."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -39,6 +40,15 @@ def header(headers: Iterable[tuple[str, str]] | Iterable[list[str]], name: str) 
 
 def _status_class(status: int | None) -> int:
     return (status or 0) // 100
+
+
+@functools.lru_cache(maxsize=4)
+def _names_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    """One pass, longest name first, whole names only: "/items/1" must not rewrite "/items/10", and a
+    name that became another (1 -> 2) is not rewritten again by a later rename (2 -> 3). Cached: a
+    replay asks for the same names verb after verb until it learns a new one."""
+    alternatives = "|".join(re.escape(old) for old in sorted(names, key=len, reverse=True))
+    return re.compile(f"(?:{alternatives})(?=[/?#>)\\s,]|$)")
 
 
 class HttpPack:
@@ -129,10 +139,7 @@ class HttpPack:
         if not names:
             return request
 
-        # One pass, longest name first, whole names only: "/items/1" must not rewrite "/items/10", and a
-        # name that became another (1 -> 2) is not rewritten again by a later rename (2 -> 3).
-        alternatives = "|".join(re.escape(old) for old in sorted(names, key=len, reverse=True))
-        pattern = re.compile(f"(?:{alternatives})(?=[/?#>)\\s,]|$)")
+        pattern = _names_pattern(tuple(names))
 
         def sub(text: str) -> str:
             return pattern.sub(lambda m: names[m.group(0)], text)
