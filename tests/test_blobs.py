@@ -60,6 +60,28 @@ def test_stored_once(store: BlobStore) -> None:
     assert len(stored_files(store)) == 2
 
 
+def test_a_stored_body_is_known_to_this_store_and_to_a_new_one(store: BlobStore) -> None:
+    body = os.urandom(5_000)
+    ref = store.put(body)
+    for reader in (store, BlobStore(store.root)):  # remembered, and found on disk by a fresh instance
+        writer = reader.writer()
+        writer.write(body)
+        known = writer.known()
+        assert known is not None and (known.digest, known.new) == (ref.digest, False)
+        assert known.stored_size == store.path_of(ref.digest).stat().st_size == ref.stored_size
+        assert reader.exists(ref.digest) and reader.read(ref.digest) == body
+    unknown = store.writer()
+    unknown.write(body + b"?")
+    assert unknown.known() is None  # not stored: finish() has the work to do
+    assert unknown.finish().new is True
+
+
+@pytest.mark.parametrize("size", [1, 256 * 1024, 256 * 1024 + 1, 3 * 1024 * 1024])
+def test_read_gives_the_bytes_back_around_the_in_memory_limit(store: BlobStore, size: int) -> None:
+    body = random.Random(size).randbytes(size // 2) + b"x" * (size - size // 2)
+    assert store.read(store.put(body).digest) == body
+
+
 def test_compressible_body_is_stored_compressed(store: BlobStore) -> None:
     body = (b"Subject: quarterly report\r\nThe numbers are fine.\r\n" * 25_000)[: 1 << 20]
     assert len(body) == 1 << 20

@@ -148,6 +148,25 @@ def test_insert_finish_and_show(tl: Timeline) -> None:
     assert tl.verb(seq + 1000) is None
 
 
+def test_json_columns_keep_what_the_standard_library_would(tl: Timeline) -> None:
+    """orjson writes and reads the JSON columns; what it refuses takes the standard library's path."""
+    request = {"method": "PUT", "big": 2**70, "numbers": [1.5, -0, None, True], "text": "caf\u00e9 \U0001f600",
+               "nested": {"a": [{"b": "c"}]}}
+    seq = add(tl, "webdav.put", ["/j"], request=request)
+    finish(tl, seq, "committed", {"status": 201, 7: "int key"}, "PUT /j -> 201")
+    doc = tl.verb(seq)
+    assert doc["request"] == request
+    assert doc["output"] == {"status": 201, "7": "int key"}  # as json.dumps would have stored it
+    assert [r.request for r in tl.effective_verbs(0, seq)] == [request]
+
+
+def test_json_codec_fallbacks() -> None:
+    from storage.db import json_text, json_value
+    assert json.loads(json_text({"a": 2**70})) == {"a": 2**70}
+    assert json_value("[NaN]")[0] != json_value("[NaN]")[0]  # NaN as the standard library reads it
+    assert json_value(b'{"x": [1, "y"]}') == {"x": [1, "y"]}
+
+
 def test_inserting_a_finished_verb_sets_finished(tl: Timeline) -> None:
     seq = add(tl, "http.get", ["/x"], status="committed", output={"status": 200})
     doc = tl.verb(seq)
