@@ -34,7 +34,7 @@ def iso(t: datetime | None) -> str | None:
     if t is None:
         return None
     if t.tzinfo is None:  # SQLite hands back naive datetimes; every stored time is UTC
-        t = t.replace(tzinfo=timezone.utc)
+        return t.isoformat() + "+00:00"
     # PostgreSQL hands back times in the session's time zone: always answer in UTC (+00:00).
     return t.astimezone(timezone.utc).isoformat()
 

@@ -18,6 +18,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
 KEEP_IN_MEMORY = 4 * 1024 * 1024   # larger response bodies of mutating verbs wait on disk
 READ_BODY_STORE_LIMIT = 1024 * 1024  # read responses are hashed whole, stored up to this size
+SMALL_ANSWER = 64 * 1024  # an answer up to this size (by its Content-Length) is read in one call
 
 
 class UpstreamError(Exception):
@@ -153,6 +154,13 @@ async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> Buffered
     kept: list[bytes] = []
     kept_size = 0
     try:
+        if resp.content_length is not None and resp.content_length <= SMALL_ANSWER:
+            # Read in one call: most answers are this small, and replay reads tens of thousands of them.
+            body = await resp.read()
+            writer.write(body)
+            ref = writer.known() or await asyncio.to_thread(writer.finish)
+            return BufferedResponse(resp.status, resp.reason or "", decoded_headers(resp.raw_headers), ref.digest,
+                                    ref.size, body, None)
         async for chunk in resp.content.iter_any():
             writer.write(chunk)
             if kept_size <= KEEP_IN_MEMORY:

@@ -461,8 +461,6 @@ class UndoManager:
     async def _replay_one(self, cid: int, row: VerbRow, names: dict[str, str], check: bool) -> None:
         original = recorded(row)
         fe = self.frontends.get(row.frontend)
-        base = dict(protocol=row.protocol, frontend=row.frontend, verb=row.verb, targets=list(row.targets),
-                    mutates=bool(row.mutates), origin="replay", cycle=cid, original_seq=row.seq)
         if fe is None:
             result = ReplayResult("failed", {"error": f"front-end {row.frontend!r} is not configured"},
                                   f"{row.summary} (front-end gone)", row.request)
@@ -470,8 +468,10 @@ class UndoManager:
             result = await fe.pack.replay(original, ReplayContext(fe.upstream, self.blobs, names))
             metrics.REPLAYED.labels(row.protocol).inc()
         finding = self._check(fe, original, result) if check else None
-        verb = NewVerb(summary=result.summary, request=result.request, status=result.status, output=result.output,
-                       **dict(base, targets=result.targets or base["targets"]))
+        verb = NewVerb(protocol=row.protocol, frontend=row.frontend, verb=row.verb,
+                       targets=result.targets or original.targets, mutates=original.mutates, summary=result.summary,
+                       request=result.request, status=result.status, origin="replay", cycle=cid,
+                       original_seq=row.seq, output=result.output)
         # Recorded after the exchange and not awaited: a resumed replay re-executes every verb without a
         # committed replay record, so an intent written first would add nothing but a commit per verb. The
         # next verb on the same targets waits for this one's exchange, and _replay_verbs flushes (and
