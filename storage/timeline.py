@@ -379,10 +379,14 @@ class GroupCommitter:
     """The daemon's one writer. Operations queued while a transaction is being committed go together
     into the next one, so N concurrent requests cost one fsync, not N."""
 
-    def __init__(self, timeline: Timeline, max_batch: int = 512) -> None:
+    def __init__(self, timeline: Timeline, max_batch: int = 512, linger: float = 0.02) -> None:
         self.timeline = timeline
         self.max_batch = max_batch
+        # A batch of unawaited writes only (reads, replay records) waits this long for company: nobody waits
+        # for it, and a transaction of a hundred rows costs far less per row than one of a few.
+        self.linger = linger
         self._queue: asyncio.Queue[tuple[Callable[[Session], Any], asyncio.Future | None]] = asyncio.Queue()
+        self._awaited = asyncio.Event()  # set when a write somebody waits for is queued: the linger ends
         self._task: asyncio.Task | None = None
         self.batches = 0
         self.ops = 0
@@ -410,6 +414,7 @@ class GroupCommitter:
         """Queue op; the future resolves with its result once it is committed (or fails)."""
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, fut))
+        self._awaited.set()
         return fut
 
     async def write(self, op: Callable[[Session], Any]) -> Any:
@@ -418,24 +423,32 @@ class GroupCommitter:
     def submit_nowait(self, op: Callable[[Session], Any]) -> None:
         """Queue op without anyone waiting (batched reads); a failure is logged."""
         self._queue.put_nowait((op, None))
+        self._full_batch_ends_linger()
 
     def record_nowait(self, verb: NewVerb) -> None:
         """Queue a finished verb's record without anyone waiting (reads). Consecutive ones in a batch are
         inserted with one executemany; a failure is logged."""
         self._queue.put_nowait((_VerbRecord(verb), None))
+        self._full_batch_ends_linger()
+
+    def _full_batch_ends_linger(self) -> None:
+        if self._queue.qsize() >= self.max_batch:
+            self._awaited.set()
 
     async def flush(self) -> None:
         await self.submit(lambda s: None)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
-            loop = asyncio.get_running_loop()
+            self._take_queued(batch)
+            if self.linger > 0 and len(batch) < self.max_batch and all(fut is None for _, fut in batch):
+                self._awaited.clear()
+                timer = loop.call_later(self.linger, self._awaited.set)
+                await self._awaited.wait()
+                timer.cancel()
+                self._take_queued(batch)
             t0 = loop.time()
             results = await loop.run_in_executor(self._thread, self._commit, [op for op, _ in batch])
             self.batches += 1
@@ -453,6 +466,13 @@ class GroupCommitter:
                         fut.set_result(value)
                     else:
                         fut.set_exception(value)
+
+    def _take_queued(self, batch: list[tuple[Callable[[Session], Any], asyncio.Future | None]]) -> None:
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
 
     def _commit(self, ops: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
         try:

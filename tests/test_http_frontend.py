@@ -138,8 +138,11 @@ class Received:
 class Exchange:
     """One request as the upstream's responder sees it."""
 
-    def __init__(self, sock: socket.socket, f: Any, received: Received, stop: threading.Event) -> None:
+    def __init__(self, sock: socket.socket, f: Any, received: Received, stop: threading.Event,
+                 keep_alive: bool = False, nth: int = 1) -> None:
         self.sock, self.f, self.received, self.stop = sock, f, received, stop
+        self.keep_alive = keep_alive
+        self.nth = nth  # the how-manieth request on its connection
 
     def read_body(self) -> bytes:
         self.received.body = read_body(self.f, self.received.headers)
@@ -155,7 +158,8 @@ class Exchange:
         if not any(k.lower() == "content-length" for k, _ in headers or []):
             head += f"Content-Length: {len(body)}\r\n"
         head_only = self.received.method == "HEAD"
-        self.send(head.encode("latin-1") + b"Connection: close\r\n\r\n" + (b"" if head_only else body))
+        close = b"" if self.keep_alive else b"Connection: close\r\n"
+        self.send(head.encode("latin-1") + close + b"\r\n" + (b"" if head_only else body))
 
 
 def ok(ex: Exchange) -> None:
@@ -165,11 +169,13 @@ def ok(ex: Exchange) -> None:
 
 
 class RawUpstream:
-    """An HTTP/1.1 server on 127.0.0.1 (one thread per connection, one request per connection) that records
-    every request head and body it received; `respond` decides what it does with each."""
+    """An HTTP/1.1 server on 127.0.0.1 (one thread per connection, one request per connection unless
+    `keep_alive`) that records every request head and body it received; `respond` decides what it does with
+    each."""
 
-    def __init__(self, respond: Callable[[Exchange], None] = ok) -> None:
+    def __init__(self, respond: Callable[[Exchange], None] = ok, keep_alive: bool = False) -> None:
         self.respond = respond
+        self.keep_alive = keep_alive
         self.received: list[Received] = []
         self.connections = 0
         self.stop = threading.Event()
@@ -190,11 +196,16 @@ class RawUpstream:
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             f = conn.makefile("rb")
-            raw, headers = read_head(f)
-            method, target, _ = raw.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            got = Received(method, target, headers)
-            self.received.append(got)
-            self.respond(Exchange(conn, f, got, self.stop))
+            nth = 0
+            while True:
+                raw, headers = read_head(f)
+                method, target, _ = raw.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                got = Received(method, target, headers)
+                self.received.append(got)
+                nth += 1
+                self.respond(Exchange(conn, f, got, self.stop, self.keep_alive, nth))
+                if not self.keep_alive:
+                    return
 
     def close(self) -> None:
         self.stop.set()
@@ -587,6 +598,87 @@ def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_added(raw_stack):
         forwarded = got.header("Forwarded")
         assert forwarded.startswith("for=10.1.2.3, ") and "for=127.0.0.1" in forwarded
         assert 'host="Example.ORG:8443"' in forwarded and "proto=http" in forwarded
+
+
+# --------------------------------------------------------------------------- kept-alive upstream connections
+
+
+def keep_alive_stack(raw_stack, respond: Callable[[Exchange], None]) -> RawStack:  # noqa: ANN001
+    rs = raw_stack()
+    rs.up.keep_alive, rs.up.respond = True, respond
+    return rs
+
+
+def test_reads_and_writes_share_kept_alive_upstream_connections(raw_stack):
+    def respond(ex: Exchange) -> None:
+        body = ex.read_body() if ex.received.method in ("PUT", "POST") else b""
+        ex.answer(200, f"{ex.received.method} {ex.received.target} {len(body)}".encode())
+    rs = keep_alive_stack(raw_stack, respond)
+    for i in range(30):
+        method = ("GET", "PUT", "HEAD")[i % 3]
+        resp = request(rs.port, method, f"/k{i}", b"x" * i if method == "PUT" else None)
+        assert resp.status == 200
+        assert resp.body == (b"" if method == "HEAD" else f"{method} /k{i} {i if method == 'PUT' else 0}".encode())
+    assert len(rs.up.received) == 30
+    assert rs.up.connections <= 2, f"{rs.up.connections} upstream connections for 30 sequential requests"
+    assert [r.header("Host") for r in rs.up.received] == [f"{HOST}:{rs.port}"] * 30
+
+
+def test_a_kept_alive_connection_the_upstream_dropped_is_retried_for_a_read_only(raw_stack):
+    """The upstream answers the first request of a connection and drops the connection when the next one
+    arrives (its keep-alive timeout struck at that moment): a GET is sent again on a new connection, a POST
+    is not (it may have had its effect) and is a failed verb."""
+    def respond(ex: Exchange) -> None:
+        if ex.nth > 1:
+            ex.sock.shutdown(socket.SHUT_RDWR)
+            raise OSError("dropped")
+        if ex.received.method == "POST":
+            ex.read_body()
+        ex.answer(200, b"fresh")
+    rs = keep_alive_stack(raw_stack, respond)
+    assert request(rs.port, "GET", "/warm").body == b"fresh"
+    assert request(rs.port, "GET", "/again").body == b"fresh"
+    assert [r.target for r in rs.up.received] == ["/warm", "/again", "/again"]
+    assert request(rs.port, "POST", "/post", b"p").status == 502   # on the retry's connection: dropped
+    assert request(rs.port, "POST", "/post2", b"q").body == b"fresh"  # that one was closed: a new one
+    assert [r.target for r in rs.up.received] == ["/warm", "/again", "/again", "/post", "/post2"]
+    recorded = {v["targets"][0]: v for v in verbs(rs.stack, "raw", count=4)}
+    assert recorded["/again"]["status"] == "committed"
+    assert recorded["/post"]["status"] == "failed"
+    assert recorded["/post2"]["status"] == "committed"
+
+
+def test_an_answer_the_client_left_unread_never_carries_the_next_request(raw_stack):
+    """A client that goes away in the middle of a long body leaves the rest of it on the upstream
+    connection: that connection is closed, never handed the next request."""
+    def respond(ex: Exchange) -> None:
+        if ex.received.target == "/long":
+            ex.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n" + b"a" * 100_000)
+            time.sleep(1)
+            with contextlib.suppress(OSError):
+                ex.send(b"a" * 3_900_000)
+            return
+        ex.answer(200, b"short")
+    rs = keep_alive_stack(raw_stack, respond)
+    with connect(rs.port) as (sock, f):
+        sock.sendall(f"GET /long HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert read_head(f)[0].startswith(b"HTTP/1.1 200")
+        f.read(50_000)
+    for _ in range(3):
+        assert request(rs.port, "GET", "/short").body == b"short"
+
+
+def test_the_request_head_sent_upstream() -> None:
+    from undo_proxy.http_upstream import HttpUpstream, UpstreamError
+    up = HttpUpstream("http://127.0.0.1:8081/app/", 5)
+    head = up.request_head("PUT", "/a%20b?x=1", [("Content-Length", "99"), ("X-A", "1"), ("x-a", "2")], b"abc")
+    assert head == (b"PUT /app/a%20b?x=1 HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nHost: 127.0.0.1:8081\r\n"
+                    b"Content-Length: 3\r\n\r\n")
+    assert up.request_head("DELETE", "/d", [("Host", "h")], None) == b"DELETE /app/d HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert up.request_head("POST", "/p", [("Host", "h")], None).endswith(b"Content-Length: 0\r\n\r\n")
+    with pytest.raises(UpstreamError) as err:
+        up.request_head("GET", "/", [("X-Evil", "a\r\nHost: other")], None)
+    assert err.value.status == 400
 
 
 # --------------------------------------------------------------------------- the client goes away

@@ -23,7 +23,7 @@ from undo_proxy import metrics
 from undo_proxy.config import HttpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.http_upstream import (READ_BODY_STORE_LIMIT, BufferedResponse, HttpUpstream, UpstreamError,
-                                      classify, decoded_headers, read_whole, strip_hop_by_hop, utf8_fields)
+                                      classify, decoded_headers, read_whole, strip_hop_by_hop, utf8_headers)
 from verbs.base import Intent
 from verbs.http import HttpRequestHead
 
@@ -32,8 +32,9 @@ RETRY_AFTER = "30"
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_FIELD = 8190
 SMALL_BODY = 64 * 1024  # read answers up to this size are sent in one piece, not streamed
-# Response headers the proxy sets itself from what it sends.
+# Response headers the proxy sets itself from what it sends (a HEAD answer keeps the upstream's length).
 _RESPONSE_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_HEAD_FRAMING = frozenset({"transfer-encoding"})
 
 
 class _Handler(web_protocol.RequestHandler):
@@ -79,6 +80,9 @@ class HttpFrontendServer:
         self.cfg, self.pack, self.gate = cfg, pack, gate
         self.timeline, self.committer, self.blobs, self.upstream = timeline, committer, blobs, upstream
         self.runner: web.ServerRunner | None = None
+        # Counted on every request: the labelled children are looked up once.
+        self._started = metrics.VERBS_STARTED.labels("http")
+        self._committed = metrics.VERBS.labels("http", "committed")
 
     async def start(self) -> None:
         # keepalive_timeout also bounds how long a client may take to send a request's headers (aiohttp
@@ -101,7 +105,8 @@ class HttpFrontendServer:
         if self.gate.refusing:
             return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
                           {"Retry-After": RETRY_AFTER})
-        if not utf8_fields(request.raw_headers):
+        fields = utf8_headers(request.raw_headers)
+        if fields is None:
             # It could only be passed on re-encoded, i.e. not as the client sent it and as it is recorded.
             metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
             log.info("refused a request from %s: a header field is not UTF-8", _peer(request))
@@ -111,10 +116,10 @@ class HttpFrontendServer:
             return _plain(400, "400 Bad Request: unsupported request target\n")
         head = HttpRequestHead(
             method=request.method, raw_path=raw_path, version=f"{request.version.major}.{request.version.minor}",
-            headers=strip_hop_by_hop(decoded_headers(request.raw_headers)),
+            headers=strip_hop_by_hop(fields),
             client=_peer(request))
         intent: Intent = self.pack.parse(head)
-        metrics.VERBS_STARTED.labels("http").inc()
+        self._started.inc()
         if intent.mutates:
             if request.content_length is not None and request.content_length > self.cfg.max_body:
                 return _plain(413, "413 Content Too Large\n")
@@ -265,7 +270,7 @@ class HttpFrontendServer:
         except TimelineUnavailable as exc:
             log.error("verb %d reached the upstream but its outcome cannot be recorded: %s", seq, exc)
             return _unrecordable()
-        metrics.VERBS.labels("http", "committed").inc()
+        self._committed.inc()
         return await self._send_buffered(request, buffered)
 
     async def _finish_failed(self, intent: Intent, seq: int, err: UpstreamError) -> web.StreamResponse:
@@ -302,10 +307,9 @@ class HttpFrontendServer:
     def _response_head(self, status: int, reason: str, headers: list[tuple[str, str]],
                        method: str, kind: type[web.StreamResponse] = web.StreamResponse) -> web.StreamResponse:
         resp = kind(status=status, reason=reason or None)
-        for k, v in strip_hop_by_hop(headers):
-            if k.lower() in _RESPONSE_FRAMING and not (k.lower() == "content-length" and method == "HEAD"):
-                continue
-            resp.headers.add(k, v)
+        add = resp.headers.add
+        for k, v in strip_hop_by_hop(headers, _HEAD_FRAMING if method == "HEAD" else _RESPONSE_FRAMING):
+            add(k, v)
         return resp
 
     # --- reads -------------------------------------------------------------------------------
@@ -335,17 +339,14 @@ class HttpFrontendServer:
             verb = self._new_verb(intent, status="committed", output=output)
             verb.summary = self.pack.summary(intent.summary, output)
             self._record_finished(verb, seq)
-            metrics.VERBS.labels("http", "committed").inc()
+            self._committed.inc()
             recorded = True
 
         try:
             async with self.upstream.open(intent.request, data) as up:
                 status, reason, headers = up.status, up.reason or "", decoded_headers(up.raw_headers)
-                resp = self._response_head(status, reason, headers, request.method)
                 length = up.headers.get("Content-Length")
                 expected = int(length) if length is not None and length.isdigit() else None
-                if request.method != "HEAD" and expected is not None:
-                    resp.content_length = expected
                 no_body = request.method == "HEAD" or status in (204, 304) or expected == 0
                 try:
                     if not no_body and expected is not None and expected <= SMALL_BODY:
@@ -357,6 +358,9 @@ class HttpFrontendServer:
                         whole = self._response_head(status, reason, headers, request.method, web.Response)
                         whole.body = body
                         return whole
+                    resp = self._response_head(status, reason, headers, request.method)
+                    if request.method != "HEAD" and expected is not None:
+                        resp.content_length = expected
                     if no_body:
                         await record(status, reason, headers)
                     await resp.prepare(request)

@@ -40,7 +40,6 @@ from verbs.imap import HEADER_ITEM, content_digest, describe, header_of, name_re
 
 log = logging.getLogger("undo_proxy.imap")
 MAX_LITERAL = 64 << 20
-READ_BATCH_SECONDS = 0.05   # reads are recorded together: one timeline write per batch, not one per FETCH
 CYCLE_OPEN = "NO [UNAVAILABLE] An undo cycle is in progress; mail is unavailable for now, try again later"
 TIMELINE_DOWN = "NO [UNAVAILABLE] Cannot record the command; try again later"
 UPSTREAM_DOWN = "NO [UNAVAILABLE] The mail server is unavailable; try again later"
@@ -392,7 +391,8 @@ class ImapSession:
     def _record_read(self, record: dict[str, Any], output: dict[str, Any]) -> None:
         intent = self.fe.pack.parse(record)
         metrics.VERBS_STARTED.labels("imap").inc()
-        self.fe.record_read(NewVerb(
+        # Reads need not be durable before the client sees them: the committer writes them in batches.
+        self.fe.committer.record_nowait(NewVerb(
             protocol="imap", frontend=self.fe.cfg.name, verb=intent.verb, targets=intent.targets, mutates=False,
             summary=self.fe.pack.summary(intent.summary, output), request=intent.request, status="committed",
             output=output, time=utcnow()))
@@ -617,19 +617,6 @@ class ImapFrontendServer:
         # for as long as UIDVALIDITY holds, except across a rewind, hence the gate's epoch
         self._described: dict[tuple[str, str, int | None], dict[int, dict[str, Any]]] = {}
         self._epoch = gate.epoch
-        self._reads: list[NewVerb] = []
-        self._reads_timer: asyncio.TimerHandle | None = None
-
-    def record_read(self, verb: NewVerb) -> None:
-        """Reads need not be durable before the client sees them: they go to the timeline in batches."""
-        self._reads.append(verb)
-        if self._reads_timer is None:
-            self._reads_timer = asyncio.get_running_loop().call_later(READ_BATCH_SECONDS, self._flush_reads)
-
-    def _flush_reads(self) -> None:
-        batch, self._reads, self._reads_timer = self._reads, [], None
-        if batch:
-            self.committer.submit_nowait(lambda s: Timeline.insert_verbs(s, batch))
 
     def described(self, user: str, mailbox: str, uidvalidity: int | None) -> dict[int, dict[str, Any]]:
         if self._epoch != self.gate.epoch or len(self._described) > 10_000:
@@ -658,6 +645,3 @@ class ImapFrontendServer:
             self.server.close()
         for task in list(self.sessions):
             task.cancel()
-        if self._reads_timer:
-            self._reads_timer.cancel()
-        self._flush_reads()
