@@ -32,9 +32,9 @@ from undo_proxy import metrics
 from undo_proxy.config import ImapFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.imap_upstream import ImapConnection, ImapUpstream, UpstreamUnavailable
-from undo_proxy.imap_wire import (LINE_LIMIT, Closed, Message, TooBig, compact_set, fetch_items, in_ranges,
-                                  mailbox_name, parse, read_message, search_numbers, set_ranges,
-                                  text)
+from undo_proxy.imap_wire import (LINE_LIMIT, Closed, Message, TooBig, compact_set, fetch_items,
+                                  mailbox_name, parse, read_message, search_numbers, select_uids,
+                                  sequence_number, text)
 from undo_proxy.tls import server_context
 from verbs.imap import HEADER_ITEM, content_digest, describe, header_of, name_refs, status_output
 
@@ -182,13 +182,7 @@ class ImapSession:
         """The messages of a sequence set or UID set in the selected mailbox, by logical name. UIDs come
         from the tracked sequence, header blocks from the cache: the server is asked only for what is not
         known yet."""
-        order = await self._sequence()
-        if uid:
-            ranges = set_ranges(spec, order[-1] if order else 0)
-            uids = [u for u in order if in_ranges(u, ranges)]
-        else:
-            ranges = set_ranges(spec, len(order))
-            uids = [u for n, u in enumerate(order, 1) if in_ranges(n, ranges)]
+        uids = select_uids(await self._sequence(), spec, uid)
         assert self.user is not None and self.selected is not None
         cache = self.fe.described(self.user, self.selected, self.uidvalidity)
         missing = [u for u in uids if u not in cache]
@@ -203,11 +197,11 @@ class ImapSession:
         uids = [u for u in uids if u in cache]
         refs = name_refs(self.user, self.selected, [cache[u] for u in uids])
         named = Named(refs=refs)
-        seq_of = {u: i + 1 for i, u in enumerate(self.uids or [])}
+        order = self.uids or []      # as it is now: an EXPUNGE may have come with the header fetch
         for u, ref in zip(uids, refs):
             named.by_uid[u] = ref["name"]
-            if u in seq_of:
-                named.by_seq[seq_of[u]] = ref["name"]
+            if seq := sequence_number(order, u):
+                named.by_seq[seq] = ref["name"]
         return named
 
     # --- the session -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from bisect import bisect_left, bisect_right
 import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -218,8 +219,25 @@ def set_ranges(spec: str, star: int) -> list[tuple[int, int]]:
     return out
 
 
-def in_ranges(n: int, ranges: list[tuple[int, int]]) -> bool:
-    return any(a <= n <= b for a, b in ranges)
+def select_uids(order: list[int], spec: str, uid: bool) -> list[int]:
+    """The UIDs that a sequence set (uid False) or a UID set names, in sequence order. `order` holds the
+    mailbox's UIDs in sequence order, so ascending: a range is found by bisection, not by a walk over the
+    whole mailbox for every command."""
+    star = (order[-1] if order else 0) if uid else len(order)
+    picked: set[int] = set()
+    for a, b in set_ranges(spec, star):
+        if uid:
+            lo, hi = bisect_left(order, a), bisect_right(order, b)
+        else:
+            lo, hi = max(a, 1) - 1, min(b, len(order))
+        picked.update(range(lo, hi))
+    return [order[i] for i in sorted(picked)]
+
+
+def sequence_number(order: list[int], uid: int) -> int | None:
+    """The message's sequence number in a mailbox whose UIDs in sequence order are `order`."""
+    i = bisect_left(order, uid)
+    return i + 1 if i < len(order) and order[i] == uid else None
 
 
 def compact_set(numbers: list[int]) -> str:
