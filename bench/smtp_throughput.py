@@ -5,8 +5,9 @@ One load generator (aiosmtplib, in this process): S parallel sessions, each a pe
 sending 10 KB messages one after the other (MAIL, RCPT, DATA), N messages in all; messages/s over the
 whole run and per-message latency (MAIL sent -> DATA reply) p50/p99. The same load goes straight to a
 private Postfix instance (Debian's package, `postfix -c DIR` on a loopback port, delivering to the discard
-transport) and through `undo-proxy serve` (SQLite timeline, message blobs, XCLIENT) in front of the same
-Postfix. Rounds alternate direct/proxy (ABBA) so drift in machine load hits both sides alike.
+transport), through `undo-proxy serve` (SQLite timeline, message blobs, XCLIENT) in front of the same
+Postfix, and through bench/bare_relay.py (aiosmtpd -> aiosmtplib, nothing recorded: the floor for any proxy
+built on these libraries). Rounds alternate their order (ABC CBA) so drift in machine load hits all alike.
 
 Target: proxy >= 0.8x the direct rate.
 
@@ -139,24 +140,31 @@ def main() -> int:
             proc = procs.start([c.UNDO_PROXY, "serve", "-c", str(cfg)], work / "serve.log")
             c.wait_port(smtp_port, proc, logfile=work / "serve.log")
             c.log(f"undo-proxy smtp {smtp_port} -> postfix {pf.port}")
+            relay_port = c.free_port()
+            relay = procs.start([sys.executable, str(Path(__file__).with_name("bare_relay.py")), "smtp",
+                                 str(relay_port), str(pf.port)], work / "relay.log")
+            c.wait_port(relay_port, relay, logfile=work / "relay.log")
+            pids = {"direct": None, "relay": relay.pid, "proxy": proc.pid}
 
-            async def runs() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+            async def runs() -> dict[str, list[dict[str, float]]]:
                 await load(pf.port, 200, args.sessions, args.size, "warmup-direct")
                 await load(smtp_port, 200, args.sessions, args.size, "warmup-proxy")
-                direct, proxied = [], []
+                await load(relay_port, 200, args.sessions, args.size, "warmup-relay")
+                results: dict[str, list[dict[str, float]]] = {"direct": [], "relay": [], "proxy": []}
                 for r in range(args.rounds):
-                    order = [("direct", pf.port), ("proxy", smtp_port)]
+                    order = [("direct", pf.port), ("relay", relay_port), ("proxy", smtp_port)]
                     for label, port in (order if r % 2 == 0 else order[::-1]):
-                        cpu0 = cpu_seconds(proc.pid)
+                        pid = pids[label]
+                        cpu0 = cpu_seconds(pid) if pid else 0.0
                         result = await load(port, args.messages, args.sessions, args.size, label)
-                        result["proxy_cpu_ms"] = (cpu_seconds(proc.pid) - cpu0) * 1000 / args.messages
-                        (direct if label == "direct" else proxied).append(result)
+                        result["cpu_ms"] = (cpu_seconds(pid) - cpu0) * 1000 / args.messages if pid else 0.0
+                        results[label].append(result)
                         c.log(f"round {r + 1} {label}: {result['rate']:.0f} msg/s, p50 {result['p50']:.1f} ms, "
-                              f"p99 {result['p99']:.1f} ms, proxy CPU {result['proxy_cpu_ms']:.2f} ms/msg")
+                              f"p99 {result['p99']:.1f} ms, relaying process CPU {result['cpu_ms']:.2f} ms/msg")
                         pf.wait_queue_empty(timeout=120)
-                return direct, proxied
+                return results
 
-            direct, proxied = asyncio.run(runs())
+            results = asyncio.run(runs())
             status = subprocess.run([c.UNDO_PROXY, "status", "--json", "-c", str(cfg)], capture_output=True,
                                     text=True, check=True)
             verbs = json.loads(status.stdout)["last_seq"]
@@ -165,12 +173,12 @@ def main() -> int:
                 raise SystemExit(f"the timeline has {verbs} verbs, expected {expected}")
             load_avg = os.getloadavg()
 
-    d, p = combine(direct), combine(proxied)
-    cpu = sum(r["proxy_cpu_ms"] for r in proxied) / len(proxied)
-    ratio = p["rate"] / d["rate"]
+    d, f, p = (combine(results[k]) for k in ("direct", "relay", "proxy"))
+    cpu, floor_cpu = (sum(r["cpu_ms"] for r in results[k]) / len(results[k]) for k in ("proxy", "relay"))
+    ratio, floor = p["rate"] / d["rate"], f["rate"] / d["rate"]
     ok = ratio >= 0.8
     body = f"""Load: aiosmtplib, {args.sessions} parallel sessions (persistent connections), {args.size // 1024} KB
-messages, {args.messages} messages per side per round, {args.rounds} rounds alternating direct/proxy; one
+messages, {args.messages} messages per side per round, {args.rounds} rounds, each reversing the last one's order; one
 recipient per message. Postfix: Debian's package as a private instance on loopback, `virtual_transport =
 discard`. undo-proxy: SQLite timeline, every message stored as a blob and recorded (intent + outcome
 durable before the client's 250), XCLIENT to Postfix. Load average at the end: {load_avg[0]:.1f}.
@@ -179,17 +187,21 @@ durable before the client's 250), XCLIENT to Postfix. Load average at the end: {
 |---|---:|---:|---:|---:|
 | straight to Postfix | {d['messages']} | {d['rate']:.0f} | {c.fmt_ms(d['p50'])} | {c.fmt_ms(d['p99'])} |
 | through undo-proxy | {p['messages']} | {p['rate']:.0f} | {c.fmt_ms(p['p50'])} | {c.fmt_ms(p['p99'])} |
+| through a bare relay (nothing recorded) | {f['messages']} | {f['rate']:.0f} | {c.fmt_ms(f['p50'])} | {c.fmt_ms(f['p99'])} |
 
 Proxy / direct rate: **{ratio:.2f}x** (target >= 0.8x: {c.verdict(ok)}). Every proxied message is a
 committed `smtp.deliver` verb on the timeline ({verbs} verbs after the run, warm-up included). The daemon
 used {cpu:.1f} ms of CPU per proxied message (user + system).
 
-Where a proxied message's time goes: each client command is two hops instead of one (client -> proxy ->
-Postfix and back: MAIL, RCPT, DATA), and DATA waits for two timeline commits (the intent, made durable
-together with the message blob, before Postfix gets the message; the outcome, before the client gets
-Postfix's 250). With 10 sessions and no client pipelining the rate is sessions / latency, so every extra
-hop and fsync shows up directly in msg/s. On a shared, loaded machine (see the load average) each hop costs
-a scheduling delay of several ms, which the direct path (C smtpd processes) pays a third as often.
+The floor: a bare aiosmtpd -> aiosmtplib relay that records nothing (bench/bare_relay.py) reaches
+**{floor:.2f}x** direct ({floor_cpu:.2f} ms of CPU per message); undo-proxy reaches {p['rate'] / f['rate']:.0%} of
+that. On this machine the load generator, Postfix and the proxy share {os.cpu_count()} cores, and each command
+the client sends waits for one more hop through a Python event loop.
+
+Where a proxied message's time goes beyond the relay's: DATA waits for two timeline commits (the intent,
+made durable together with the message blob, before Postfix gets the message; the outcome, before the client
+gets Postfix's 250). With {args.sessions} sessions and no client pipelining the rate is sessions / latency, so
+each commit's wait shows up directly in msg/s.
 """
     print(body)
     if not args.no_write:
