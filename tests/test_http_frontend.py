@@ -668,6 +668,23 @@ def test_an_answer_the_client_left_unread_never_carries_the_next_request(raw_sta
         assert request(rs.port, "GET", "/short").body == b"short"
 
 
+def test_bytes_an_upstream_sends_on_an_idle_connection_never_answer_the_next_request(raw_stack):
+    """An upstream that sends a whole extra answer after its response, once the connection is back in the
+    pool: the next request (another client's) must get its own answer, never that one."""
+    def respond(ex: Exchange) -> None:
+        if ex.received.target == "/first":
+            ex.answer(200, b"first")
+            time.sleep(0.2)
+            ex.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+            return
+        ex.answer(200, f"own answer to {ex.received.target}".encode())
+    rs = keep_alive_stack(raw_stack, respond)
+    assert request(rs.port, "GET", "/first").body == b"first"
+    time.sleep(0.5)
+    for i in range(3):
+        assert request(rs.port, "GET", f"/next{i}").body == f"own answer to /next{i}".encode()
+
+
 def test_the_request_head_sent_upstream() -> None:
     from undo_proxy.http_upstream import HttpUpstream, UpstreamError
     up = HttpUpstream("http://127.0.0.1:8081/app/", 5)

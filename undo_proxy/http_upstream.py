@@ -181,7 +181,9 @@ class HttpUpstream:
         now = loop.time()
         while self._idle:
             since, proto = self._idle.pop()
-            if proto.is_connected() and now - since < self.keepalive:
+            # should_close also catches bytes the upstream sent while the connection was idle: parsed as an
+            # answer, they would be handed to the next request, somebody else's.
+            if proto.is_connected() and not proto.should_close and now - since < self.keepalive:
                 return proto, True
             proto.close()
         try:
