@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from pathlib import Path
 
+TAKING = ".taking-"   # the marker of a snapshot being taken, before the timeline records it
 SNAPSHOT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]{1,6})?$")
 
 
@@ -58,6 +59,19 @@ async def run(*argv: str, timeout: float = 600) -> str:
     return out.decode(errors="replace")
 
 
+def _write_durably(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _rename(src: Path, dst: Path, what: str) -> None:
     try:
         os.rename(src, dst)
@@ -85,8 +99,33 @@ class SnapshotBackend(ABC):
             raise SnapshotError(f"the volume {self.volume} does not exist")
         self.store.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    async def take(self, sid: str) -> Path:
+        """Snapshot the volume as `sid`. A durable marker says the snapshot is this store's owner's doing
+        until `recorded(sid)`: after a crash in between, `unrecorded()` names it, and only such a snapshot
+        is ever removed for being unknown (a store may hold another timeline's snapshots)."""
+        await asyncio.to_thread(_write_durably, self._marker(sid))
+        try:
+            return await self._take(sid)
+        except BaseException:
+            if not self.path_of(sid).exists():
+                self._marker(sid).unlink(missing_ok=True)
+            raise
+
+    async def recorded(self, sid: str) -> None:
+        """The timeline holds the snapshot now: the marker goes."""
+        await asyncio.to_thread(self._marker(sid).unlink, True)
+
+    def unrecorded(self) -> list[str]:
+        """Snapshots begun by `take` and never followed by `recorded` (the daemon stopped in between)."""
+        if not self.store.is_dir():
+            return []
+        return sorted(p.name[len(TAKING):] for p in self.store.glob(f"{TAKING}*") if valid_id(p.name[len(TAKING):]))
+
+    def _marker(self, sid: str) -> Path:
+        return self.store / f"{TAKING}{self.path_of(sid).name}"
+
     @abstractmethod
-    async def take(self, sid: str) -> Path: ...
+    async def _take(self, sid: str) -> Path: ...
 
     @abstractmethod
     async def delete(self, sid: str) -> None: ...
@@ -155,7 +194,7 @@ class BtrfsBackend(SnapshotBackend):
             raise SnapshotError(f"the volume {self.volume} is not a btrfs subvolume "
                                 f"(create it with `btrfs subvolume create`, or use backend = \"copy\")")
 
-    async def take(self, sid: str) -> Path:
+    async def _take(self, sid: str) -> Path:
         dst = self.path_of(sid)
         await run("btrfs", "subvolume", "snapshot", "-r", str(self.volume), str(dst))
         return dst
@@ -182,7 +221,7 @@ class CopyBackend(SnapshotBackend):
     elsewhere)."""
     name = "copy"
 
-    async def take(self, sid: str) -> Path:
+    async def _take(self, sid: str) -> Path:
         dst = self.path_of(sid)
         tmp = self.store / f".partial-{sid}"
         if tmp.exists():

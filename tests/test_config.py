@@ -117,6 +117,9 @@ BAD_CONFIGS: dict[str, tuple[str, str]] = {
     "listen IPv6 literal is not hex": (to_toml(config(**{"http0.listen": "[zz]:80"})), "http[0].listen"),
     "listen IPv4 in brackets": (to_toml(config(**{"admin.listen": "[1.2.3.4]:80"})), "admin.listen"),
     "listen without port": (to_toml(config(**{"admin.listen": "127.0.0.1"})), "admin.listen"),
+    "listen IPv4 octet out of range": (to_toml(config(**{"http0.listen": "999.1.1.1:8080"})), "http[0].listen"),
+    "listen IPv4 too short": (to_toml(config(**{"http0.listen": "10.1:8080"})), "http[0].listen"),
+    "listen host label ends in a dash": (to_toml(config(**{"admin.listen": "host-.example:80"})), "admin.listen"),
     "listen is a number": (to_toml(config(**{"admin.listen": 8700})), "admin.listen"),
     "duplicate listen": (to_toml(config(**{"http0.listen": "127.0.0.1:8700"})), "http[0].listen"),
     "duplicate front-end name": (
@@ -261,11 +264,41 @@ def test_init_writes_a_sample_that_loads_and_upgrades(tmp_path: Path) -> None:
     status = run("-c", str(path), "status", "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout) == {**json.loads(status.stdout), "mode": "live", "cycle": None,
-                                         "last_seq": 0, "snapshots": 0}
+                                         "last_seq": 0, "snapshots": 0, "daemon": "not running"}
+    assert "daemon: not running" in run("-c", str(path), "status", cwd=tmp_path).stdout
 
     again = run("init", str(target), cwd=tmp_path)
     assert again.returncode == 1 and "exists" in again.stderr
     assert path.read_text() == text  # not overwritten
+
+
+def test_every_commented_setting_of_the_sample_is_valid_toml_once_uncommented() -> None:
+    """An operator uncomments one setting at a time (or a whole commented-out table with its settings): the
+    file must still parse, e.g. a quoted command inside a string."""
+    import re
+    import tomllib
+    from undo_proxy.config import sample_config
+    lines = sample_config(Path("/srv/site"), "t" * 24).splitlines()
+    setting, header = re.compile(r"# [a-z_]+ = "), re.compile(r"# \[")
+    tries: list[list[int]] = []       # the lines to uncomment together
+    block: list[int] | None = None    # a commented-out table being collected
+    for i, line in enumerate(lines):
+        if header.match(line):
+            block = [i]
+            tries.append(block)
+        elif block is not None and setting.match(line):
+            block.append(i)
+        elif setting.match(line):
+            tries.append([i])
+        elif not line.startswith("#"):
+            block = None
+    assert len(tries) > 10 and sum(len(t) > 5 for t in tries) == 2   # [[smtp]] and [[imap]]
+    for together in tries:
+        tried = [line[2:] if i in together else line for i, line in enumerate(lines)]
+        try:
+            tomllib.loads("\n".join(tried))
+        except tomllib.TOMLDecodeError as exc:
+            raise AssertionError(f"uncommented, {lines[together[0]]!r} is not TOML: {exc}") from None
 
 
 def test_init_without_dir_writes_into_the_current_directory(tmp_path: Path) -> None:
@@ -326,3 +359,29 @@ def test_a_misspelt_required_key_is_named_as_typed(tmp_path):
     cfg.write_text('[admn]\ntoken = "0123456789"\n')
     with pytest.raises(ConfigError, match=r": admn: unknown key"):
         load_config(cfg)
+
+
+def test_serve_names_the_key_of_a_volume_that_is_not_there_or_a_listen_address_that_cannot_be(tmp_path: Path) -> None:
+    """What only serve can find out: exit 2 and the key when the config is at fault, exit 1 when the
+    machine is (a port somebody else holds)."""
+    import socket
+    (tmp_path / "snaps").mkdir()
+
+    def serve(**changes: Any) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "undo-proxy.toml"
+        path.write_text(to_toml(config(**changes)))
+        assert run("-c", str(path), "db", "upgrade", cwd=tmp_path).returncode == 0
+        return run("-c", str(path), "serve", cwd=tmp_path)
+
+    no_volume = serve()
+    assert no_volume.returncode == 2 and "snapshots.volume" in no_volume.stderr and "does not exist" in no_volume.stderr
+    (tmp_path / "data").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        unresolvable = serve(**{"http0.listen": f"no-such-host.invalid:{port + 1}", "admin.listen": f"127.0.0.1:{port + 2}"})
+        assert unresolvable.returncode == 2, unresolvable.stderr
+        assert "http[0].listen" in unresolvable.stderr and "cannot resolve" in unresolvable.stderr
+        in_use = serve(**{"http0.listen": f"127.0.0.1:{port}", "admin.listen": f"127.0.0.1:{port + 2}"})
+        assert in_use.returncode == 1 and "http[0].listen: cannot listen on" in in_use.stderr, in_use.stderr

@@ -43,13 +43,34 @@ def test_a_cancelled_cycles_findings_are_not_compensated(proxy_stack):
 
 
 def test_a_snapshot_taken_but_never_recorded_is_removed_at_start(proxy_stack):
-    """A kill between the snapshot and its record leaves a directory the timeline does not know."""
+    """A kill between the snapshot and its record leaves a directory the timeline does not know, and the
+    marker `take` wrote before it: that one goes. A directory without the marker may be another timeline's
+    (a moved state dir, a second instance on the same store): it stays. One on record whose directory went
+    is named in the log."""
     stack = proxy_stack()
     known = stack.cli_json("snapshot", "take")
+    gone = stack.cli_json("snapshot", "take")
     orphan = stack.store / "20200101T000000Z"
     orphan.mkdir()
     (orphan / "x").write_text("x")
+    (stack.store / ".taking-20200101T000000Z").touch()
+    stranger = stack.store / "20200102T000000Z"
+    stranger.mkdir()
+    (stranger / "y").write_text("y")
+    (stack.store / gone["id"]).rename(stack.store / ".moved-away")
     stack.restart()
     assert not orphan.exists()
+    assert not (stack.store / ".taking-20200101T000000Z").exists()
+    assert (stranger / "y").read_text() == "y"
     assert (stack.store / known["id"]).is_dir()
-    assert "never recorded" in stack.log_text()
+    log = stack.log_text()
+    assert "removed snapshot 20200101T000000Z: taken, but never recorded" in log
+    assert "does not know (20200102T000000Z): left alone" in log
+    assert f"missing from the store {stack.store} ({gone['id']})" in log
+    assert not list(stack.store.glob(".taking-*")), "a recorded snapshot keeps no marker"
+    assert stack.cli_json("status")["daemon"] == "running"
+    listing = stack.cli("snapshot", "list").stdout
+    assert f"{gone['id']}" in listing and "missing from the store" in listing
+    refused = stack.cli("rewind", "--to", gone["id"], "--yes", check=False)
+    assert refused.returncode == 1 and "missing" in refused.stderr
+    assert stack.api("GET", "/api/cycles") == (200, []), "a rewind that could not start leaves no cycle"

@@ -75,6 +75,7 @@ async def test_btrfs_rewind_keeps_the_old_volume_and_restore_brings_it_back_exac
     backend = await make_backend("btrfs", vol, btrfs_mount.store)
     snap = new_id(set(), T0)
     await backend.take(snap)
+    await backend.recorded(snap)
     at_snapshot = file_tree(vol)
 
     # history goes on after the snapshot
@@ -165,6 +166,7 @@ async def test_copy_backend_cycle_on_a_plain_dir(tmp_path):
     backend = await make_backend("copy", vol, store)
     snap = new_id(set(), T0)
     await backend.take(snap)
+    await backend.recorded(snap)
     at_snapshot = file_tree(vol)
     assert file_tree(store / snap) == at_snapshot
     assert identity(store / snap / "page.html")[1] == identity(vol / "page.html")[1]  # cp -a keeps mtimes
@@ -191,6 +193,23 @@ async def test_copy_backend_cycle_on_a_plain_dir(tmp_path):
 
     await backend.delete(snap)
     assert list(store.iterdir()) == []
+
+
+async def test_a_snapshot_is_marked_unrecorded_from_before_it_is_taken_until_it_is_recorded(tmp_path):
+    vol, store = tmp_path / "vol", tmp_path / "store"
+    vol.mkdir()
+    populate(vol)
+    backend = await make_backend("copy", vol, store)
+    a, b = new_id(set(), T0), new_id(set(), T0.replace(hour=1))
+    await backend.take(a)
+    await backend.take(b)
+    assert backend.unrecorded() == sorted([a, b])
+    await backend.recorded(a)
+    assert backend.unrecorded() == [b]
+    vol.rename(tmp_path / "elsewhere")   # cp has nothing to copy: the take fails
+    with pytest.raises(SnapshotError):
+        await backend.take(new_id(set(), T0.replace(hour=2)))
+    assert backend.unrecorded() == [b], "a snapshot that failed leaves no marker"
 
 
 # --------------------------------------------------------------------------- ids

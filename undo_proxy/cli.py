@@ -126,12 +126,28 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> None:
         die(1, str(exc))
 
 
+def daemon_state(cfg: Config) -> str:
+    """'running' when the daemon's admin API answers, else 'not running' (status reads the timeline itself,
+    so it says which it is: a stopped daemon records nothing)."""
+    req = urllib.request.Request(f"http://{cfg.admin.listen}/api/status",
+                                 headers={"Authorization": f"Bearer {cfg.admin.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2):
+            return "running"
+    except urllib.error.HTTPError:
+        return "running"   # it answered (a token from another config, say)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return "not running"
+
+
 def cmd_status(args: argparse.Namespace, cfg: Config) -> None:
-    doc = timeline_store(cfg).status()
+    doc = {**timeline_store(cfg).status(), "daemon": daemon_state(cfg)}
     if args.json:
         return emit_json(doc)
     out.print(f"mode: {doc['mode']}" + (f" (cycle {doc['cycle']}, {doc['cycle_state']})" if doc["cycle"] else ""))
     out.print(f"last verb: {doc['last_seq']}  snapshots: {doc['snapshots']}")
+    out.print("daemon: running" if doc["daemon"] == "running" else
+              f"daemon: not running (nothing answers at {cfg.admin.listen}): nothing is proxied or recorded")
 
 
 def cmd_timeline(args: argparse.Namespace, cfg: Config) -> None:
@@ -168,8 +184,10 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> None:
         for col in ("id", "time", "after_seq", "kind", "label", "backend", "rewind point"):
             t.add_column(col, no_wrap=col != "label")
         for s in snaps:
-            t.add_row(s["id"], s["time"][:19], str(s["after_seq"]), s["kind"], s["label"] or "", s["backend"],
-                      "yes" if s["valid"] else "no")
+            usable = "yes" if s["valid"] else "no"
+            if s["valid"] and not Path(s["path"]).exists():
+                usable = "no: missing from the store"
+            t.add_row(s["id"], s["time"][:19], str(s["after_seq"]), s["kind"], s["label"] or "", s["backend"], usable)
         out.print(t)
     else:
         api(cfg, "DELETE", f"/api/snapshots/{urllib.request.quote(args.id, safe='')}")

@@ -115,6 +115,11 @@ class Config:
     def blob_dir(self) -> Path:
         return self.state.dir / "blobs"
 
+    def frontends(self) -> list[tuple[str, HttpFrontend | SmtpFrontend | ImapFrontend]]:
+        """Every front-end with its table's name in the file, as errors name it: ("smtp[0]", ...)."""
+        return [(f"{kind}[{i}]", fe) for kind, fes in (("http", self.http), ("smtp", self.smtp), ("imap", self.imap))
+                for i, fe in enumerate(fes)]
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -139,7 +144,12 @@ def parse_host_port(text: str) -> HostPort:
         raise ValueError(f"port {port} is out of range 1-65535")
     if match.group(1):
         ipaddress.IPv6Address(host)
-    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    elif not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in host.split(".")):
         raise ValueError(f"{host!r} is not a host name or address")
     return HostPort(host, port)
 
@@ -446,7 +456,7 @@ keep = 48                         # retention: newest N (snapshots an open cycle
 # start = "systemctl start dovecot postfix"
 # Polled (with traffic held) before each snapshot until it exits 0: the backend has nothing in flight.
 # For Postfix, whose 250 comes before delivery: an empty queue.
-# settle = "test -z \"$(postqueue -j)\""
+# settle = 'test -z "$(postqueue -j)"'
 # settle_timeout = "30s"
 
 [admin]

@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import ssl
 from contextlib import AsyncExitStack
 from typing import Any
@@ -38,13 +39,19 @@ class StartupError(Exception):
 
 def load_packs(cfg: Config) -> dict[str, Any]:
     packs = {}
-    for kind, fes in (("http", cfg.http), ("smtp", cfg.smtp), ("imap", cfg.imap)):
-        for i, fe in enumerate(fes):
-            try:
-                packs[fe.name] = load_pack(fe.verbs)
-            except ValueError as exc:
-                raise ConfigError(f"{cfg.path}: {kind}[{i}].verbs: {exc}") from None
+    for table, fe in cfg.frontends():
+        try:
+            packs[fe.name] = load_pack(fe.verbs)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.path}: {table}.verbs: {exc}") from None
     return packs
+
+
+def cannot_listen(cfg: Config, key: str, listen: Any, exc: OSError) -> Exception:
+    """A name that does not resolve is the config's fault (exit 2); a port in use is the machine's (exit 1)."""
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"{cfg.path}: {key}: cannot resolve the host of {listen}: {exc.strerror}")
+    return StartupError(f"{key}: cannot listen on {listen}: {exc.strerror}")
 
 
 def lock_state_dir(cfg: Config) -> int:
@@ -80,6 +87,9 @@ async def serve(cfg: Config) -> None:
     blobs = BlobStore(cfg.blob_dir)
     backend = None
     if cfg.snapshots.volume and cfg.snapshots.store:
+        if not cfg.snapshots.volume.is_dir():
+            raise ConfigError(f"{cfg.path}: snapshots.volume: {cfg.snapshots.volume} does not exist (the service's "
+                              f"data belongs there)")
         try:
             backend = await make_backend(cfg.snapshots.backend, cfg.snapshots.volume, cfg.snapshots.store)
         except SnapshotError as exc:
@@ -139,13 +149,12 @@ async def serve(cfg: Config) -> None:
         manager = UndoManager(cfg, timeline, committer, gate, blobs, backend, frontends)
         await manager.recover()
         gate.on_mutation = manager.note_mutation
-        for protocol, server in [("http", srv) for srv in servers] + [("smtp", srv) for srv in smtp_servers] \
-                + [("imap", srv) for srv in imap_servers]:
+        table_of = {id(fe): table for table, fe in cfg.frontends()}
+        for server in [*servers, *smtp_servers, *imap_servers]:
             try:
                 await server.start()
             except OSError as exc:
-                raise StartupError(f"{protocol} {server.cfg.name}: cannot listen on {server.cfg.listen}: "
-                                   f"{exc.strerror}") from None
+                raise cannot_listen(cfg, f"{table_of[id(server.cfg)]}.listen", server.cfg.listen, exc) from None
             stack.push_async_callback(server.stop)
 
         admin_runner = web.AppRunner(make_admin_app(AdminApi(manager, cfg.admin.token)), access_log=None)
@@ -155,7 +164,7 @@ async def serve(cfg: Config) -> None:
             await web.TCPSite(admin_runner, cfg.admin.listen.host, cfg.admin.listen.port,
                               reuse_address=True).start()
         except OSError as exc:
-            raise StartupError(f"admin: cannot listen on {cfg.admin.listen}: {exc.strerror}") from None
+            raise cannot_listen(cfg, "admin.listen", cfg.admin.listen, exc) from None
         log.info("admin API on http://%s/api", cfg.admin.listen)
 
         scheduler = asyncio.create_task(manager.scheduler(), name="snapshot-scheduler")

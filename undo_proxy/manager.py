@@ -60,6 +60,10 @@ def parse_time(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 class UndoManager:
     def __init__(self, cfg: Config, timeline: Timeline, committer: GroupCommitter, gate: Gate,
                  blobs: BlobStore, backend: SnapshotBackend | None, frontends: dict[str, Frontend]) -> None:
@@ -95,19 +99,32 @@ class UndoManager:
 
     async def _remove_orphans(self) -> None:
         """A crash between taking a snapshot and recording it leaves one the timeline does not know: it is
-        no rewind point (its after_seq is unknown), so it goes. Anything a cycle names is kept."""
+        no rewind point (its after_seq is unknown), so it goes. Only snapshots this daemon began (their
+        marker says so) are removed: any other unknown one in the store may be another timeline's (a moved
+        state dir, a second instance, a restored backup) and is left alone. Anything a cycle names is kept."""
         if self.backend is None or not self.backend.store.is_dir():
             return
         known = {s["id"] for s in await self.db(self.timeline.snapshots, True)}
         known |= {sid for c in await self.db(self.timeline.cycles)
                   for sid in (c["snapshot"], c["pre_rewind_snapshot"]) if sid}
-        for entry in sorted(self.backend.store.iterdir()):
-            if valid_id(entry.name) and entry.name not in known:
+        for sid in self.backend.unrecorded():
+            if sid not in known and self.backend.exists(sid):
                 try:
-                    await self.backend.delete(entry.name)
-                    log.warning("removed snapshot %s: taken, but never recorded (the daemon stopped)", entry.name)
+                    await self.backend.delete(sid)
+                    log.warning("removed snapshot %s: taken, but never recorded (the daemon stopped)", sid)
                 except SnapshotError as exc:
-                    log.error("could not remove the unrecorded snapshot %s: %s", entry.name, exc)
+                    log.error("could not remove the unrecorded snapshot %s: %s", sid, exc)
+                    continue
+            await self.backend.recorded(sid)
+        strangers = [p.name for p in sorted(self.backend.store.iterdir()) if valid_id(p.name) and p.name not in known]
+        if strangers:
+            log.warning("the snapshot store %s holds %d snapshots this timeline does not know (%s): left alone",
+                        self.backend.store, len(strangers), _some(strangers))
+        missing = [s["id"] for s in await self.db(self.timeline.snapshots)
+                   if s["valid"] and not self.backend.exists(s["id"])]
+        if missing:
+            log.warning("%d snapshots on the timeline are missing from the store %s (%s): a rewind to them "
+                        "will fail", len(missing), self.backend.store, _some(missing))
 
     def _need_backend(self) -> SnapshotBackend:
         if self.backend is None:
@@ -154,6 +171,7 @@ class UndoManager:
         await self.db(self.timeline.add_snapshot, dict(
             id=sid, time=datetime.now(timezone.utc), after_seq=after_seq, label=label, backend=backend.name,
             path=str(path), kind=kind, valid=True, duration_ms=duration * 1000, pause_ms=pause, deleted=False))
+        await backend.recorded(sid)
         log.info("snapshot %s after verb %d (%s, %.1f ms, traffic held %.1f ms)", sid, after_seq, kind,
                  duration * 1000, pause)
         await self._prune()
@@ -284,6 +302,9 @@ class UndoManager:
             if await self.db(self.timeline.open_cycle):
                 raise OperationError(409, "an undo cycle is already open: commit or cancel it first")
             snap, seq = await self._resolve_target(to)
+            if not backend.exists(snap["id"]):   # before a cycle exists: nothing to undo, nothing on record
+                raise OperationError(409, f"snapshot {snap['id']} is missing from {backend.store}: it cannot be "
+                                          f"rewound to (nothing changed)")
             pre_id = await self._new_snapshot_id()
             async with self.gate.quiesced():
                 self.gate.mode = "rewound"
