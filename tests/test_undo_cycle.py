@@ -283,6 +283,7 @@ def test_at_seq_and_iso_time_rewinds_are_exact_and_cancel_restores_byte_for_byte
     # replaying everything after SEQ gives the same content back (new files, though: cancel must undo it)
     replayed = api_ok(stack, "POST", "/api/replay", {"skip": []})
     assert replayed["replayed"] == 3 and replayed["inconsistencies"] == 0
+    assert replayed["to_replay"] == 3, "progress counts the verbs after the rewind point, not the @SEQ prefix"
     assert file_tree(vol) == pre
 
     cancelled = stack.cli_json("cancel")

@@ -1,8 +1,8 @@
 """`undo-proxy demo`: a whole undo cycle on real backends, verified.
 
 It sets up a volume (btrfs on a loop-mounted image when it runs as root and btrfs is there, else the copy
-backend), starts WsgiDAV and an MTA (Postfix's place is taken by a small aiosmtpd MTA delivering to
-Maildirs in the volume), starts `undo-proxy serve`, drives real WebDAV and SMTP clients through it,
+backend), starts WsgiDAV and an MTA delivering to Maildirs in the volume (a private Postfix instance when
+Postfix is installed, else a small aiosmtpd MTA), starts `undo-proxy serve`, drives real WebDAV and SMTP clients through it,
 makes two operator errors (a mail filter rule that discards legitimate mail; a bulk DELETE that destroys
 documents), rewinds, repairs, replays with the bad verbs skipped, compensates, commits — and checks the
 outcome against what the good traffic alone produces.

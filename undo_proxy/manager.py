@@ -404,7 +404,7 @@ class UndoManager:
             done = await self.db(self.timeline.replayed_originals, cid) & candidates  # not the @SEQ prefix
             todo = [v for v in verbs if v.seq not in skipped and v.seq not in done]
             await self.db(lambda: self.timeline.update_cycle(
-                cid, state="replaying", skipped=skipped, to_replay=len(verbs) - len(skipped)))
+                cid, state="replaying", skipped=skipped, to_replay=len(verbs) - len(skipped), replayed=len(done)))
             self.gate.mode = "replaying"
             self._replay_task = asyncio.create_task(self._replay_then_review(cid, todo, len(done)))
         await asyncio.shield(self._replay_task)
