@@ -685,6 +685,37 @@ def test_bytes_an_upstream_sends_on_an_idle_connection_never_answer_the_next_req
         assert request(rs.port, "GET", f"/next{i}").body == f"own answer to /next{i}".encode()
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"a" * 69_861,   # 139 bytes short
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1000\r\n" + b"b" * 4096 + b"\r\n",
+])
+def test_an_answer_the_upstream_breaks_off_reaches_the_client_cut_never_completed(raw_stack, answer):
+    """Once the head is on its way the client can only learn of a failure by a cut connection: nothing may be
+    written after the bytes the upstream sent (an error response in the body, a last chunk that makes the
+    truncated answer look whole)."""
+    def respond(ex: Exchange) -> None:
+        ex.send(answer)
+        time.sleep(0.3)
+        ex.sock.shutdown(socket.SHUT_RDWR)
+    rs = raw_stack()
+    rs.up.respond = respond
+    with connect(rs.port) as (sock, f):
+        sock.sendall(f"GET /cut HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        got = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 500" not in body and b"undo-proxy" not in body
+    if b"chunked" in head.lower():
+        assert not body.endswith(b"0\r\n\r\n"), "a final chunk would make the truncated answer look complete"
+    else:
+        assert len(body) < 70_000
+    [verb] = verbs(rs.stack, "raw", count=1)
+    assert verb["status"] == "failed"
+
+
 def test_the_request_head_sent_upstream() -> None:
     from undo_proxy.http_upstream import HttpUpstream, UpstreamError
     up = HttpUpstream("http://127.0.0.1:8081/app/", 5)

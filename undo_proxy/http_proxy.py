@@ -392,7 +392,11 @@ class HttpFrontendServer:
             verb.summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
             self._record_finished(verb, seq)
             if resp is not None and resp.prepared:
-                raise ConnectionResetError() from None  # headers already sent: all we can do is cut it
+                # Headers already sent: all we can do is cut the connection, at once, so that the client
+                # sees a truncated answer (aiohttp would write an error response into the body).
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError() from None
             return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
         return resp
 
