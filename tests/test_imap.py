@@ -427,3 +427,43 @@ def test_load_client_reports_no_protocol_errors(proxy_stack: Callable[..., Stack
     assert not errors, errors[:5]
     assert sum(counts) == 20 * 33
     assert "Traceback" not in stack.log_text()
+
+
+def test_what_the_proxy_could_not_record_is_refused_not_passed(proxy_stack: Callable[..., Stack], dovecot: Dovecot) -> None:
+    """Dovecot offers CATENATE and SEARCHRES (and ACL, METADATA, ... with plugins): through the proxy an APPEND
+    built from parts, a set named `$`, or a command the proxy has no handler for would change mail with no
+    verb naming what changed. They are refused; nothing reaches Dovecot."""
+    stack, port = start(proxy_stack, dovecot)
+    seed = proxied(port)
+    seed.append("INBOX", None, None, message("cat1", "kept"))
+    seed.logout()
+    raw = Raw(port)
+    raw.send(b"c1 LOGIN alice secret\r\n")
+    caps = b" ".join(raw.until(b"c1")).upper()
+    for dropped in (b"CATENATE", b"SEARCHRES"):
+        assert dropped not in caps
+    raw.send(b"c2 CAPABILITY\r\n")
+    caps = b" ".join(raw.until(b"c2")).upper()
+    assert b"CATENATE" not in caps and b"SEARCHRES" not in caps and b"IMAP4REV1" in caps
+    part = b"Message-ID: <cat2@x.test>\r\nSubject: parts\r\n\r\nbody\r\n"
+    raw.send(b"c3 APPEND INBOX CATENATE (TEXT {%d+}\r\n" % len(part) + part + b")\r\n")
+    assert raw.until(b"c3")[-1].startswith(b"c3 NO [CANNOT]")
+    raw.send(b"c4 SELECT INBOX\r\n")
+    raw.until(b"c4")
+    raw.send(b"c5 SEARCH RETURN (SAVE) SUBJECT kept\r\n")
+    raw.until(b"c5")
+    for n, command in enumerate((b"STORE $ +FLAGS (\\Flagged)", b"COPY $ INBOX", b"UID MOVE $ INBOX", b"FETCH $ FLAGS")):
+        tag = b"d%d" % n
+        raw.send(tag + b" " + command + b"\r\n")
+        assert raw.until(tag)[-1].startswith(tag + b" BAD [CANNOT]"), command
+    raw.send(b"e1 SETMETADATA INBOX (/private/comment \"x\")\r\ne2 XFROB INBOX\r\ne3 NOOP\r\ne4 LIST \"\" *\r\n")
+    assert raw.until(b"e1")[-1].startswith(b"e1 NO [CANNOT] SETMETADATA")
+    assert raw.until(b"e2")[-1].startswith(b"e2 NO [CANNOT] XFROB")
+    assert raw.until(b"e3")[-1].startswith(b"e3 OK")
+    assert raw.until(b"e4")[-1].startswith(b"e4 OK")
+    raw.send(b"z LOGOUT\r\n")
+    raw.until(b"z")
+    box = mailbox(dovecot, "INBOX")
+    assert len(box) == 1, "the CATENATE message never reached Dovecot"
+    assert not any("\\Flagged" in m["flags"] for m in box.values()), "STORE $ never reached Dovecot"
+    assert [v["verb"] for v in stack.timeline(protocol="imap") if v["mutates"]] == ["imap.append"]

@@ -51,7 +51,18 @@ EXPUNGED = re.compile(rb"^\* (?:\d+ EXPUNGE|VANISHED)", re.IGNORECASE)
 EXPUNGE_N = re.compile(rb"^\* (\d+) EXPUNGE\b", re.IGNORECASE)
 EXISTS_N = re.compile(rb"^\* (\d+) EXISTS\b", re.IGNORECASE)
 AUTH_OK = {"PLAIN", "LOGIN"}
-DROP_CAPS = {"STARTTLS", "COMPRESS=DEFLATE", "NOTIFY"}
+# Not offered through the proxy: either the proxy handles them itself (STARTTLS), or a command they enable
+# would change mail in a way the proxy cannot name and so could not replay: CATENATE builds a message from
+# parts, SEARCHRES lets `$` stand for messages the proxy never saw named, the rest set state it does not
+# record.
+DROP_CAPS = {"STARTTLS", "COMPRESS=DEFLATE", "NOTIFY", "CATENATE", "SEARCHRES", "URLAUTH", "METADATA",
+             "METADATA-SERVER", "ACL", "QUOTA", "QUOTASET", "REPLACE", "X-DOVECOT-REPLACE"}
+# Commands relayed as they are: they change nothing that a rewind restores (or are refused by the server
+# before login). Any other command without a handler of its own is refused rather than passed unrecorded.
+PASS_THROUGH = {"CAPABILITY", "NOOP", "LOGOUT", "LIST", "LSUB", "XLIST", "STATUS", "NAMESPACE", "ID", "ENABLE",
+                "UNSELECT", "CHECK", "SORT", "THREAD", "GETQUOTA", "GETQUOTAROOT", "MYRIGHTS", "GETACL",
+                "LISTRIGHTS", "GETMETADATA"}
+FIRST_ARG = re.compile(rb"^\S+ (?:UID )?[A-Za-z]+ (\S+)", re.IGNORECASE)
 
 
 @dataclass
@@ -285,6 +296,15 @@ class ImapSession:
         needs_mailbox = name in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE", "CLOSE")
         if uid and name not in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE"):
             handler = None
+        if self.user and name in ("FETCH", "STORE", "COPY", "MOVE", "EXPUNGE") and \
+                (m := FIRST_ARG.match(msg.lines[0])) and b"$" in m.group(1):
+            self.reply(tag, "BAD [CANNOT] the saved search result ($) is not available through undo-proxy")
+            return True
+        if self.user and handler is None and name not in PASS_THROUGH:
+            metrics.FRONTEND_ERRORS.labels("imap", "unsupported").inc()
+            self.reply(tag, f"NO [CANNOT] {'UID ' if uid else ''}{name} is not available through undo-proxy "
+                            f"(it would not be recorded, so it could not be undone)")
+            return True
         if handler is None or (needs_mailbox and not self.selected) or \
                 (name not in ("LOGIN", "AUTHENTICATE", "IDLE") and not self.user):
             tagged = await self._forward(msg, tag)
@@ -550,8 +570,12 @@ class ImapSession:
         self._send_tagged(tagged)
 
     async def _append(self, msg: Message, tag: str, name: str, uid: bool, args: list[Any]) -> None:
-        if len(args) < 2 or not all(isinstance(a, (list, bytes)) for a in args[1:]):
-            self._send_tagged(await self._forward(msg, tag))   # CATENATE and other extensions: as they are
+        if len(args) < 2:
+            self._send_tagged(await self._forward(msg, tag))   # malformed: the server says BAD
+            return
+        if not all(isinstance(a, (list, bytes)) for a in args[1:]):
+            # Not a plain APPEND (CATENATE, an extension's parts): the proxy could not name the message.
+            self.reply(tag, "NO [CANNOT] this form of APPEND is not available through undo-proxy")
             return
         mailbox = mailbox_name(args[0])
         descs: list[dict[str, Any]] = []
