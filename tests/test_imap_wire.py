@@ -51,3 +51,20 @@ def test_sequence_number() -> None:
     order = [3, 5, 9]
     assert [sequence_number(order, u) for u in (3, 5, 9, 4, 1, 10)] == [1, 2, 3, None, None, None]
     assert sequence_number([], 1) is None
+
+
+def test_a_set_that_repeats_the_whole_mailbox_costs_no_more_than_one_range() -> None:
+    """`1:*,1:*,...` a hundred thousand times over a mailbox of 10,000: overlapping ranges are merged before
+    they are expanded (expanded one by one, this is 10^9 steps and stalls every session of the daemon)."""
+    order = list(range(1, 20_001, 2))
+    spec = ",".join(["1:*"] * 100_000)
+    calls = 0
+
+    class Counting(list):
+        def __getitem__(self, index):  # noqa: ANN001, ANN204
+            nonlocal calls
+            calls += 1
+            return super().__getitem__(index)
+    assert select_uids(Counting(order), spec, uid=False) == order
+    assert select_uids(order, ",".join(["1:*"] * 1000), uid=True) == order
+    assert calls < 1000, f"{calls} slices of the mailbox for one merged range"
