@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import logging
 from dataclasses import dataclass
@@ -391,7 +392,11 @@ class GroupCommitter:
         self.batches = 0
         self.ops = 0
         self.healthy = True  # False after a write failed, until one succeeds again
-        self.unawaited_failures = 0  # writes queued without a waiter that failed (they are only logged)
+        self.unawaited_failures = 0  # writes queued without a waiter that were given up (logged)
+        # Writes nobody waits for (reads: their answer is already out) that failed while the timeline could not
+        # be written: kept, and written once it can again, so that an outage does not lose what clients saw.
+        self._failed: deque[Callable[[Session], Any]] = deque()
+        self.max_failed_kept = 100_000
         self.on_commit: Callable[[int, float, bool], None] | None = None  # (batch size, seconds, ok)
         # A thread of its own: in the shared default executor, commits queued behind blob writes and
         # snapshot copies, and every request waiting on a commit waited for them too.
@@ -402,6 +407,9 @@ class GroupCommitter:
 
     async def stop(self) -> None:
         await self.flush()
+        if self._failed:
+            log.error("%d batched timeline writes could not be written before the daemon stopped: lost",
+                      len(self._failed))
         if self._task:
             self._task.cancel()
             try:
@@ -428,6 +436,8 @@ class GroupCommitter:
     def record_nowait(self, verb: NewVerb) -> None:
         """Queue a finished verb's record without anyone waiting (reads). Consecutive ones in a batch are
         inserted with one executemany; a failure is logged."""
+        if verb.time is None:
+            verb.time = utcnow()   # when it happened, even if it is written late
         self._queue.put_nowait((_VerbRecord(verb), None))
         self._full_batch_ends_linger()
 
@@ -456,16 +466,38 @@ class GroupCommitter:
             self.healthy = all(ok for ok, _ in results)
             if self.on_commit:
                 self.on_commit(len(batch), loop.time() - t0, self.healthy)
-            for (_, fut), (ok, value) in zip(batch, results):
+            for (op, fut), (ok, value) in zip(batch, results):
                 if fut is None:
                     if not ok:
-                        self.unawaited_failures += 1
-                        log.error("a batched timeline write failed: %s", value)
+                        self._keep_failed(op, value)
                 elif not fut.done():
                     if ok:
                         fut.set_result(value)
                     else:
                         fut.set_exception(value)
+
+            if self.healthy and self._failed:
+                await self._write_failed(loop)
+
+    def _keep_failed(self, op: Callable[[Session], Any], error: BaseException) -> None:
+        if len(self._failed) >= self.max_failed_kept:
+            self.unawaited_failures += 1
+            log.error("a batched timeline write failed and %d are kept for later already: given up (%s)",
+                      len(self._failed), error)
+            return
+        if not self._failed:
+            log.error("a batched timeline write failed (%s): kept, to be written once the timeline can be", error)
+        self._failed.append(op)
+
+    async def _write_failed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The timeline works again: the writes kept from the outage, one transaction (one by one if that
+        fails: one bad write must not hold the others back for ever)."""
+        ops, self._failed = list(self._failed), deque()
+        results = await loop.run_in_executor(self._thread, self._commit, ops)
+        lost = [value for ok, value in results if not ok]
+        self.unawaited_failures += len(lost)
+        log.warning("wrote %d batched timeline writes kept from when the timeline could not be written%s",
+                    len(ops) - len(lost), f"; {len(lost)} failed again and are given up ({lost[0]})" if lost else "")
 
     def _take_queued(self, batch: list[tuple[Callable[[Session], Any], asyncio.Future | None]]) -> None:
         while len(batch) < self.max_batch:

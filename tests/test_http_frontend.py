@@ -920,6 +920,50 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def test_reads_answered_while_the_timeline_filled_up_are_on_it_once_it_has_room(small_state_fs, wsgidav_server,
+                                                                                tmp_path):
+    """Reads are written in batches after their answer: those answered just before a batch found the disk
+    full are kept, and written once the timeline has room again (none of what clients saw is lost)."""
+    import concurrent.futures
+    work = small_state_fs.parent
+    volume, store = work / "dav", work / "snaps"
+    volume.mkdir()
+    store.mkdir()
+    (volume / "page.txt").write_bytes(b"seen")
+    stack = Stack(workdir=work, config=work / "undo-proxy.toml", volume=volume, store=store,
+                  http_port=unclaimed_port(), admin_port=unclaimed_port(), dav=wsgidav_server(volume),
+                  log=tmp_path / "serve.log")
+    write_config(stack, "copy", None, "")
+    stack.start()
+    try:
+        assert request(stack.http_port, "GET", "/page.txt").status == 200
+        assert len(verbs(stack, count=1)) == 1
+        fill(small_state_fs)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda i: request(stack.http_port, "GET", f"/page.txt?n={i}").status,
+                                     range(48)))
+        assert set(statuses) <= {200, 503}, statuses
+        answered = statuses.count(200)
+        assert answered, "the first reads are answered before any batch fails"
+        for p in small_state_fs.glob("filler*"):
+            p.unlink()
+        for _ in range(50):   # the first read after the room came back finds the timeline writable again
+            if request(stack.http_port, "GET", "/page.txt?n=after").status == 200:
+                break
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while True:   # the last read's outcome is batched too
+            recorded = verbs(stack, count=1 + answered + 1)
+            if all(v["status"] == "committed" for v in recorded) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(recorded) >= 1 + answered + 1, (answered, [v["summary"] for v in recorded])
+        assert all(v["status"] == "committed" for v in recorded), [(v["seq"], v["status"]) for v in recorded]
+        assert "kept, to be written once the timeline can be" in stack.log_text()
+    finally:
+        stack.kill()
+
+
 def test_timeline_unavailable_refuses_traffic_and_recovers(small_state_fs, wsgidav_server, tmp_path):
     work = small_state_fs.parent
     volume, store = work / "dav", work / "snaps"
