@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import imaplib
+import json
 import re
 import socket
 import sqlite3
@@ -467,3 +468,21 @@ def test_what_the_proxy_could_not_record_is_refused_not_passed(proxy_stack: Call
     assert len(box) == 1, "the CATENATE message never reached Dovecot"
     assert not any("\\Flagged" in m["flags"] for m in box.values()), "STORE $ never reached Dovecot"
     assert [v["verb"] for v in stack.timeline(protocol="imap") if v["mutates"]] == ["imap.append"]
+
+
+def test_a_literal_too_large_ends_its_command_with_its_tag_and_a_tag_may_contain_search(
+        proxy_stack: Callable[..., Stack], dovecot: Dovecot) -> None:
+    stack, port = start(proxy_stack, dovecot)
+    raw = Raw(port)
+    raw.send(b"f1 LOGIN alice secret\r\n")
+    raw.until(b"f1")
+    raw.send(b"f2 APPEND INBOX {99999999999999999999}\r\n")   # synchronising: the client waits for "+"
+    assert raw.until(b"f2")[-1].startswith(b"f2 NO [TOOBIG]")
+    raw.send(b"f3 SELECT INBOX\r\nSEARCHME SEARCH SUBJECT nothing-like-this\r\n")
+    raw.until(b"f3")
+    assert raw.until(b"SEARCHME")[-1].startswith(b"SEARCHME OK")
+    raw.send(b"z LOGOUT\r\n")
+    raw.until(b"z")
+    [search] = [v for v in stack.timeline(protocol="imap") if v["verb"] == "imap.search"]
+    shown = json.loads(stack.cli("show", str(search["seq"]), "--json").stdout)
+    assert shown["request"]["criteria"] == "SUBJECT nothing-like-this"

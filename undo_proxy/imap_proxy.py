@@ -33,7 +33,7 @@ from undo_proxy.config import ImapFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.imap_upstream import ImapConnection, ImapUpstream, UpstreamUnavailable
 from undo_proxy.imap_wire import (LINE_LIMIT, Closed, Message, TooBig, compact_set, fetch_items,
-                                  mailbox_name, parse, read_message, search_numbers, select_uids,
+                                  mailbox_name, parse, read_message, reply_tag, search_numbers, select_uids,
                                   sequence_number, text)
 from undo_proxy.tls import server_context
 from verbs.imap import HEADER_ITEM, content_digest, describe, header_of, name_refs, status_output
@@ -238,7 +238,9 @@ class ImapSession:
                     if not exc.sync:
                         self.write(b"* BYE [TOOBIG] Command too large\r\n")
                         return
-                    self.write(b"* NO [TOOBIG] Literal too large\r\n")   # the client sends no data
+                    # The client waits for a continuation that does not come, so it sends no data: the
+                    # command ends here, with its tag (RFC 7888 4).
+                    self.reply(exc.tag, "NO [TOOBIG] Literal too large")
                     continue
                 if not await self.handle(msg):
                     return
@@ -269,8 +271,7 @@ class ImapSession:
         m = COMMAND.match(msg.lines[0])
         if not m:
             if msg.lines[0].strip():
-                tag = msg.lines[0].split(b" ", 1)[0].decode("ascii", "replace").strip() or "*"
-                self.reply(tag if re.fullmatch(r"[^\s(){%*\"\\\]]+", tag) else "*", "BAD Invalid command")
+                self.reply(reply_tag(msg.lines[0]), "BAD Invalid command")
             return True
         tag, uid, name = m.group(1).decode("ascii", "replace"), bool(m.group(2)), m.group(3).decode().upper()
         args = parse(msg.raw, m.end())
@@ -467,7 +468,9 @@ class ImapSession:
         if not self._readable(tag):
             return
         raw = msg.nonsync()
-        criteria = raw[raw.upper().index(b"SEARCH") + 7:].rstrip(b"\r\n").decode("latin-1")
+        command = COMMAND.match(raw)
+        assert command is not None   # handle() matched it
+        criteria = raw[command.end():].strip().decode("latin-1")
         numbers: list[int] = []
 
         def observe(resp: Message) -> None:

@@ -25,9 +25,19 @@ class Closed(Exception):
 
 
 class TooBig(Exception):
-    def __init__(self, size: int, sync: bool) -> None:
+    def __init__(self, size: int, sync: bool, first_line: bytes = b"") -> None:
         super().__init__(f"literal of {size} bytes is too large")
-        self.size, self.sync = size, sync
+        self.size, self.sync, self.first_line = size, sync, first_line
+
+    @property
+    def tag(self) -> str:
+        return reply_tag(self.first_line)
+
+
+def reply_tag(line: bytes) -> str:
+    """The tag of a client's command line to answer it with, or '*' when it has none that is valid."""
+    tag = line.split(b" ", 1)[0].decode("ascii", "replace").strip()
+    return tag if re.fullmatch(r"[^\s(){%*\"\\\]+]+", tag) else "*"
 
 
 @dataclass
@@ -93,7 +103,7 @@ async def read_message(reader: asyncio.StreamReader, limit: int,
             return Message(lines, literals)
         size = int(m.group(2))
         if size > limit:
-            raise TooBig(size, m.group(3) != b"+")
+            raise TooBig(size, m.group(3) != b"+", lines[0])
         if m.group(3) != b"+" and sync_literal is not None:
             await sync_literal(size)
         try:
