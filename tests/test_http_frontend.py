@@ -920,21 +920,28 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_reads_answered_while_the_timeline_filled_up_are_on_it_once_it_has_room(small_state_fs, wsgidav_server,
-                                                                                tmp_path):
-    """Reads are written in batches after their answer: those answered just before a batch found the disk
-    full are kept, and written once the timeline has room again (none of what clients saw is lost)."""
-    import concurrent.futures
+def small_state_stack(small_state_fs: Path, wsgidav_server, tmp_path: Path, files: dict[str, bytes]) -> Stack:  # noqa: ANN001
+    """A daemon whose state dir is a small filesystem of its own (to be filled), WsgiDAV serving `files`."""
     work = small_state_fs.parent
     volume, store = work / "dav", work / "snaps"
     volume.mkdir()
     store.mkdir()
-    (volume / "page.txt").write_bytes(b"seen")
+    for name, data in files.items():
+        (volume / name).write_bytes(data)
     stack = Stack(workdir=work, config=work / "undo-proxy.toml", volume=volume, store=store,
                   http_port=unclaimed_port(), admin_port=unclaimed_port(), dav=wsgidav_server(volume),
                   log=tmp_path / "serve.log")
     write_config(stack, "copy", None, "")
     stack.start()
+    return stack
+
+
+def test_reads_answered_while_the_timeline_filled_up_are_on_it_once_it_has_room(small_state_fs, wsgidav_server,
+                                                                                tmp_path):
+    """Reads are written in batches after their answer: those answered just before a batch found the disk
+    full are kept, and written once the timeline has room again (none of what clients saw is lost)."""
+    import concurrent.futures
+    stack = small_state_stack(small_state_fs, wsgidav_server, tmp_path, {"page.txt": b"seen"})
     try:
         assert request(stack.http_port, "GET", "/page.txt").status == 200
         assert len(verbs(stack, count=1)) == 1
@@ -965,15 +972,8 @@ def test_reads_answered_while_the_timeline_filled_up_are_on_it_once_it_has_room(
 
 
 def test_timeline_unavailable_refuses_traffic_and_recovers(small_state_fs, wsgidav_server, tmp_path):
-    work = small_state_fs.parent
-    volume, store = work / "dav", work / "snaps"
-    volume.mkdir()
-    store.mkdir()
-    stack = Stack(workdir=work, config=work / "undo-proxy.toml", volume=volume, store=store,
-                  http_port=unclaimed_port(), admin_port=unclaimed_port(), dav=wsgidav_server(volume),
-                  log=tmp_path / "serve.log")
-    write_config(stack, "copy", None, "")
-    stack.start()
+    stack = small_state_stack(small_state_fs, wsgidav_server, tmp_path, {})
+    volume = stack.volume
     try:
         assert request(stack.http_port, "PUT", "/before.txt", b"ok").status == 201
         fill(small_state_fs)
