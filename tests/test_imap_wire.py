@@ -28,6 +28,10 @@ def by_walk(order: list[int], spec: str, uid: bool) -> list[int]:
     ("21:*", True, [20]),               # '*' is the largest UID: 21:* is 20:21
     ("7", True, []),
     ("0", False, []),
+    ("1:0", False, []),                 # 0 is no message number: the server answers BAD
+    ("2,0:3", True, []),
+    ("+1", False, []),
+    ("1:-2", False, []),
     ("99", False, []),
     ("x:y", False, []),                 # unparsable: nothing
 ])

@@ -222,6 +222,8 @@ def set_ranges(spec: str, star: int) -> list[tuple[int, int]]:
     try:
         for part in spec.split(","):
             lo, _, hi = part.partition(":")
+            if "0" in (lo, hi) or not all(x == "*" or x.isdigit() for x in (lo, hi or lo)):
+                return []   # not a set (numbers start at 1): the server answers BAD, nothing is named
             a, b = (star if x == "*" else int(x) for x in (lo, hi or lo))
             out.append((min(a, b), max(a, b)))
     except ValueError:
