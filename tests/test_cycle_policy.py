@@ -74,3 +74,19 @@ def test_a_snapshot_taken_but_never_recorded_is_removed_at_start(proxy_stack):
     refused = stack.cli("rewind", "--to", gone["id"], "--yes", check=False)
     assert refused.returncode == 1 and "missing" in refused.stderr
     assert stack.api("GET", "/api/cycles") == (200, []), "a rewind that could not start leaves no cycle"
+
+
+def test_a_snapshot_is_deleted_by_its_id_or_by_a_label_only_it_carries(proxy_stack):
+    stack = proxy_stack()
+    first, second = (stack.cli_json("snapshot", "take", "--label", "twice") for _ in range(2))
+    once = stack.cli_json("snapshot", "take", "--label", "once")
+    ambiguous = stack.cli("snapshot", "delete", "twice", check=False)
+    assert ambiguous.returncode == 2 and "2 snapshots are labelled 'twice'" in ambiguous.stderr
+    stack.cli("snapshot", "delete", "once")
+    assert not (stack.store / once["id"]).exists()
+    stack.cli("snapshot", "delete", first["id"])
+    stack.cli("snapshot", "delete", "twice")        # now only one carries it
+    assert stack.cli_json("snapshot", "list") == []
+    assert not (stack.store / second["id"]).exists()
+    unknown = stack.cli("snapshot", "delete", "no such label", check=False)
+    assert unknown.returncode == 2 and "neither a snapshot id nor" in unknown.stderr

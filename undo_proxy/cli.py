@@ -327,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--label", help="a note kept with the snapshot")
     snap.add_parser("list", parents=[common, js], help="snapshots, oldest first", description="snapshots, oldest first")
     d = snap.add_parser("delete", parents=[common], help="delete one snapshot", description="delete one snapshot")
-    d.add_argument("id")
+    d.add_argument("id", help="a snapshot ID, or the label of exactly one snapshot")
     s = command("rewind", "open an undo cycle: put the service's state back to a point in its history", common, js)
     s.add_argument("--to", required=True, metavar="TARGET",
                    help="a snapshot ID or label, @SEQ (the state right after verb SEQ) or an ISO-8601 time")

@@ -198,13 +198,13 @@ class UndoManager:
     def _protected(self, cycle: dict[str, Any] | None) -> set[str]:
         return {cycle["snapshot"], cycle["pre_rewind_snapshot"]} if cycle else set()
 
-    async def delete_snapshot(self, sid: str) -> None:
+    async def delete_snapshot(self, name: str) -> None:
         backend = self._need_backend()
-        if not valid_id(sid):
-            raise OperationError(400, f"{sid!r} is not a snapshot id")
         async with self._op_lock:
-            if await self.db(self.timeline.snapshot, sid) is None:
-                raise OperationError(404, f"no snapshot {sid}")
+            snap = await self._snapshot_named(name.strip())
+            if snap is None:
+                raise OperationError(400, f"{name!r} is neither a snapshot id nor a snapshot's label")
+            sid = snap["id"]
             if sid in self._protected(await self.db(self.timeline.open_cycle)):
                 raise OperationError(409, f"snapshot {sid} belongs to the open undo cycle")
             try:
@@ -256,15 +256,25 @@ class UndoManager:
             self._snapshot_due.set()
 
     # --- the cycle -----------------------------------------------------------------------------
+    async def _snapshot_named(self, name: str) -> dict[str, Any] | None:
+        """The snapshot with this id or this label (None: the name is neither); 404 for an unknown id, 400 for
+        a label that several snapshots carry."""
+        labelled = [s for s in await self.db(self.timeline.snapshots) if s["label"] == name and s["kind"] != "pre-rewind"]
+        if len(labelled) > 1:
+            raise OperationError(400, f"{len(labelled)} snapshots are labelled {name!r}: name one by its id")
+        if labelled:
+            return labelled[0]
+        if not valid_id(name):
+            return None
+        snap = await self.db(self.timeline.snapshot, name)
+        if snap is None:
+            raise OperationError(404, f"no snapshot {name}")
+        return snap
+
     async def _resolve_target(self, to: str) -> tuple[dict[str, Any], int]:
         to = to.strip()
-        labelled = [s for s in await self.db(self.timeline.snapshots) if s["label"] == to and s["kind"] != "pre-rewind"]
-        if len(labelled) > 1:
-            raise OperationError(400, f"{len(labelled)} snapshots are labelled {to!r}: name one by its id")
-        if valid_id(to) or labelled:
-            snap = labelled[0] if labelled else await self.db(self.timeline.snapshot, to)
-            if snap is None:
-                raise OperationError(404, f"no snapshot {to}")
+        snap = await self._snapshot_named(to)
+        if snap is not None:
             if not snap["valid"]:
                 raise OperationError(409, f"snapshot {snap['id']} belongs to a history that a committed cycle "
                                           f"replaced")
