@@ -193,6 +193,7 @@ def test_undo_scenario_misfiling_filter(proxy_stack: Callable[..., Stack], dovec
     assert not any("<friend1@x.test>: " in i["detail"] for i in incs), incs
     done = stack.cli("compensate", "--all")
     assert done.returncode == 0
+    assert re.search(r"^inconsistency \d+ \(verb \d+\): (done|acknowledged): \S", done.stdout, re.M), done.stdout
     assert all(i["compensation"] in ("done", "acknowledged") for i in stack.cli_json("inconsistencies")), \
         stack.cli_json("inconsistencies")
     stack.cli("commit")

@@ -280,8 +280,8 @@ def cmd_compensate(args: argparse.Namespace, cfg: Config) -> None:
         emit_json(items)  # and still exit 1 below when one failed
     else:
         for i in items:
-            out.print(f"inconsistency {i['id']} (verb {i['seq']}): {i['compensation']} "
-                      f"{i.get('compensation_detail') or ''}")
+            detail = i.get("compensation_detail")
+            out.print(f"inconsistency {i['id']} (verb {i['seq']}): {i['compensation']}" + (f": {detail}" if detail else ""))
     if any(i["compensation"] == "failed" for i in items):
         die(1, "some compensations failed; run `compensate` again to retry them")
 
