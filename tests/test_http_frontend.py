@@ -716,6 +716,20 @@ def test_an_answer_the_upstream_breaks_off_reaches_the_client_cut_never_complete
     assert verb["status"] == "failed"
 
 
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 000 Zero", b"HTTP/1.1 101 Switching Protocols",
+                                         b"HTTP/1.1 600 Beyond"])
+def test_an_answer_with_a_status_no_client_asked_for_is_a_502(raw_stack, status_line):
+    def respond(ex: Exchange) -> None:
+        ex.read_body()
+        ex.send(status_line + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    rs = raw_stack()
+    rs.up.respond = respond
+    for method, body in (("GET", None), ("PUT", b"data")):
+        resp = request(rs.port, method, f"/odd-{method}", body)
+        assert resp.status == 502, (status_line, method, resp.status)
+    assert sorted(v["status"] for v in verbs(rs.stack, "raw", count=2)) == ["failed", "failed"]
+
+
 def test_the_request_head_sent_upstream() -> None:
     from undo_proxy.http_upstream import HttpUpstream, UpstreamError
     up = HttpUpstream("http://127.0.0.1:8081/app/", 5)

@@ -286,6 +286,9 @@ class _PooledExchange:
             raise UpstreamError(502, f"upstream answered garbage: {exc.message}") from None
         while 100 <= message.code < 200 and message.code != 101:  # interim answers (RFC 9110 15.2)
             message, payload = await proto.read()
+        if not 200 <= message.code <= 599:
+            # 101 included: the proxy passes no Upgrade on, so the client asked for no protocol switch.
+            raise UpstreamError(502, f"upstream answered with status {message.code:03d}")
         self.response = _PooledResponse(message, payload)
         return self.response
 
