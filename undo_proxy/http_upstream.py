@@ -18,6 +18,9 @@ from storage.blobs import BlobStore
 # RFC 9110 7.6.1: connection-specific header fields, never forwarded (nor those named in Connection).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
+# Named in Connection, these would change where a request goes (Host selects the upstream's virtual host): a
+# client cannot have them removed that way.
+NEVER_CONNECTION_OPTIONS = frozenset({"host"})
 KEEP_IN_MEMORY = 4 * 1024 * 1024   # larger response bodies of mutating verbs wait on disk
 READ_BODY_STORE_LIMIT = 1024 * 1024  # read responses are hashed whole, stored up to this size
 SMALL_ANSWER = 64 * 1024  # an answer up to this size (by its Content-Length) is read in one call
@@ -60,8 +63,9 @@ def strip_hop_by_hop(headers: list[tuple[str, str]], also: frozenset[str] = froz
     names = [k.lower() for k, _ in headers]
     drop = HOP_BY_HOP | also
     if "connection" in names:
-        drop = drop | {token.strip().lower() for name, (_, v) in zip(names, headers) if name == "connection"
-                       for token in v.split(",")}
+        named = {token.strip().lower() for name, (_, v) in zip(names, headers) if name == "connection"
+                 for token in v.split(",")}
+        drop = drop | (named - NEVER_CONNECTION_OPTIONS)
     return [h for name, h in zip(names, headers) if name not in drop]
 
 
