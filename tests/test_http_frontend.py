@@ -862,6 +862,17 @@ def test_malformed_request_is_400_and_goes_nowhere(raw_stack):
     assert rs.stack.log_text().count("Traceback") == 0
 
 
+def test_request_lines_of_other_http_versions_are_505_and_go_nowhere(raw_stack):
+    rs = raw_stack()
+    for line in (b"GET /old\r\n\r\n", b"GET /two HTTP/2.0\r\nHost: h\r\n\r\n"):
+        with connect(rs.port) as (sock, f):
+            sock.sendall(line)
+            assert f.readline().split(b" ")[1] == b"505", line   # in the version it was asked in
+    assert rs.up.connections == 0
+    assert request(rs.port, "GET", "/fine").status == 200
+    assert [v["targets"] for v in verbs(rs.stack, count=1)] == [["/fine"]]
+
+
 def test_oversized_header_is_431_and_goes_nowhere(raw_stack):
     rs = raw_stack()
     fits = request(rs.port, "GET", "/ok", headers={"X-Big": "a" * 8000})
@@ -980,7 +991,8 @@ def test_reads_answered_while_the_timeline_filled_up_are_on_it_once_it_has_room(
             time.sleep(0.05)
         assert len(recorded) >= 1 + answered + 1, (answered, [v["summary"] for v in recorded])
         assert all(v["status"] == "committed" for v in recorded), [(v["seq"], v["status"]) for v in recorded]
-        assert "kept, to be written once the timeline can be" in stack.log_text()
+        # (whether a batch failed at all depends on how much room SQLite's WAL still had: the count is the point)
+        assert stack.log_text().count("Traceback") == 0
     finally:
         stack.kill()
 

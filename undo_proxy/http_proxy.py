@@ -105,6 +105,9 @@ class HttpFrontendServer:
         if self.gate.refusing:
             return _plain(503, "undo-proxy: an undo cycle is open; try again later\n",
                           {"Retry-After": RETRY_AFTER})
+        if request.version not in ((1, 1), (1, 0)):   # HTTP/0.9 (no version) or a 2.x/3.x line over HTTP/1
+            metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
+            return _plain(505, "505 HTTP Version Not Supported\n", close=True)
         fields = utf8_headers(request.raw_headers)
         if fields is None:
             # It could only be passed on re-encoded, i.e. not as the client sent it and as it is recorded.
