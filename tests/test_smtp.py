@@ -4,8 +4,10 @@ undo scenarios (a DISCARD rule undone; a repair that changes who gets mail -> in
 explanatory messages)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
+import json
 import smtplib
 import socket
 import subprocess
@@ -268,7 +270,7 @@ def test_150_pipelined_recipients(smtp_stack: MailStack, postfix: Postfix) -> No
 def test_no_open_relay_through_the_proxy(smtp_stack: MailStack, postfix: Postfix) -> None:
     with Raw(smtp_stack.smtp_port, source="127.0.0.2") as c:
         assert c.cmd("EHLO outsider.test")[0] == 250
-        assert c.cmd(f"MAIL FROM:<{BOB}>")[0] == 250
+        assert (got := c.cmd(f"MAIL FROM:<{BOB}>"))[0] == 250, got
         code, text = c.cmd("RCPT TO:<victim@outside.test>")
         assert code == 554 and "Relay access denied" in text, (code, text)
         assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250          # local delivery from outside is fine
@@ -358,6 +360,115 @@ def test_upstream_without_xclient_allowed_when_configured(tmp_path: Path) -> Non
             proc.wait(15)
 
 
+class _FakeMta:
+    """An aiosmtpd upstream (no XCLIENT) in a thread whose answer to the final dot is `at_end(server)`."""
+
+    def __init__(self, at_end: Any) -> None:
+        from aiosmtpd.controller import Controller
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                return await at_end(server)
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> "_FakeMta":
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.controller.stop()
+
+
+def _serve_before(tmp_path: Path, mta: _FakeMta, extra: str) -> tuple[int, Path, subprocess.Popen]:
+    port = free_port()
+    cfg = _config(tmp_path, mta.port, port, "allow_without_xclient = true\n" + extra)
+    proc = subprocess.Popen([UNDO_PROXY, "serve", "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(port, proc=proc)
+    return port, cfg, proc
+
+
+def _deliveries(cfg: Path) -> list[dict[str, Any]]:
+    out = subprocess.run([UNDO_PROXY, "timeline", "--json", "-c", str(cfg)], capture_output=True, text=True, check=True)
+    return [v for v in json.loads(out.stdout) if v["verb"] == "smtp.deliver"]
+
+
+def test_a_slow_answer_to_the_final_dot_is_waited_for_not_timed_out(tmp_path: Path) -> None:
+    """Content filters take their time after the final dot: RFC 5321 gives them 10 minutes. The upstream
+    timeout (1 s here) is not the wait for that answer, or the client would send again what the MTA took."""
+    async def slow(server: Any) -> str:
+        await asyncio.sleep(3)
+        return "250 2.0.0 Ok: queued after a while"
+    with _FakeMta(slow) as mta:
+        port, cfg, proc = _serve_before(tmp_path, mta, 'timeout = "1s"')
+        try:
+            with Raw(port) as c:
+                c.cmd("EHLO client.test")
+                c.cmd(f"MAIL FROM:<{BOB}>")
+                c.cmd(f"RCPT TO:<{ALICE}>")
+                assert c.cmd("DATA")[0] == 354
+                c.send(simple_message("slow filter", mid="<slow@client.test>") + b".\r\n")
+                assert c.reply() == (250, "2.0.0 Ok: queued after a while")
+            [verb] = _deliveries(cfg)
+            assert verb["status"] == "committed"
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_an_mta_gone_after_the_final_dot_leaves_the_outcome_unknown(tmp_path: Path) -> None:
+    """The MTA may have taken the message: the verb says `unknown`, not `failed` (which would tell replay and
+    the operator that nothing was delivered); the client hears a temporary failure that says so."""
+    async def vanish(server: Any) -> str:
+        server.transport.abort()
+        return "250 never heard"
+    with _FakeMta(vanish) as mta:
+        port, cfg, proc = _serve_before(tmp_path, mta, "")
+        try:
+            with Raw(port) as c:
+                c.cmd("EHLO client.test")
+                c.cmd(f"MAIL FROM:<{BOB}>")
+                c.cmd(f"RCPT TO:<{ALICE}>")
+                assert c.cmd("DATA")[0] == 354
+                c.send(simple_message("vanishing mta", mid="<gone@client.test>") + b".\r\n")
+                code, text = c.reply()
+                assert code == 451 and "may have been delivered" in text
+            [verb] = _deliveries(cfg)
+            assert verb["status"] == "unknown" and "outcome unknown" in verb["summary"]
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_postfix_sees_the_clients_helo_and_a_second_ehlo_ends_both_transactions(smtp_stack: MailStack,
+                                                                                postfix: Postfix) -> None:
+    t = tag()
+    with Raw(smtp_stack.smtp_port) as c:
+        assert c.cmd(f"EHLO insider-{t}.test")[0] == 250
+        assert (got := c.cmd(f"MAIL FROM:<{BOB}>"))[0] == 250, got
+        assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
+        assert c.cmd(f"EHLO again-{t}.test")[0] == 250       # ends the transaction (RFC 5321 4.1.4)
+        assert c.cmd(f"MAIL FROM:<{BOB}>")[0] == 250, "Postfix's transaction ended too: no nested MAIL"
+        assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(simple_message(f"helo {t}") + b".\r\n")
+        assert c.reply()[0] == 250
+    [delivered] = postfix.wait_for("alice", f"helo {t}")
+    assert f"from again-{t}.test".encode() in delivered, delivered[:400]
+    with Raw(smtp_stack.smtp_port) as c:     # a name no EHLO line could carry: Postfix hears the proxy's
+        assert c.cmd("EHLO weird|name!")[0] == 250
+        assert (got := c.cmd(f"MAIL FROM:<{BOB}>"))[0] == 250, got
+
+
+def test_xclient_names_an_ipv6_client_as_postfix_wants_it() -> None:
+    from undo_proxy.smtp_upstream import xclient_attributes
+    assert xclient_attributes("::1", "client.test") == ["ADDR=IPV6:::1", "NAME=[UNAVAILABLE]", "PROTO=ESMTP",
+                                                        "HELO=client.test"]
+    assert xclient_attributes("192.0.2.7", None) == ["ADDR=192.0.2.7", "NAME=[UNAVAILABLE]", "PROTO=ESMTP"]
+
+
 # --------------------------------------------------------------------------- smuggling and limits
 
 @pytest.mark.parametrize("trick", [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n"], ids=["LF.CRLF", "CRLF.LF", "LF.LF",
@@ -367,7 +478,7 @@ def test_end_of_data_smuggling_is_rejected(smtp_stack: MailStack, postfix: Postf
     mid, smuggled_mid = f"<outer-{t}@client.test>", f"<smuggled-{t}@client.test>"
     with Raw(smtp_stack.smtp_port) as c:
         c.cmd("EHLO client.test")
-        assert c.cmd(f"MAIL FROM:<{BOB}>")[0] == 250
+        assert (got := c.cmd(f"MAIL FROM:<{BOB}>"))[0] == 250, got
         assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
         assert c.cmd("DATA")[0] == 354
         c.send(simple_message(f"outer {t}", mid=mid) + b"innocent" + trick +
@@ -376,7 +487,7 @@ def test_end_of_data_smuggling_is_rejected(smtp_stack: MailStack, postfix: Postf
         code, text = c.reply()
         assert 500 <= code < 600, (code, text)
         # the session goes on: the smuggled commands were data, not commands
-        assert c.cmd(f"MAIL FROM:<{BOB}>")[0] == 250
+        assert (got := c.cmd(f"MAIL FROM:<{BOB}>"))[0] == 250, got
         assert c.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
         assert c.cmd("DATA")[0] == 354
         c.send(simple_message(f"after {t}", mid=f"<after-{t}@client.test>") + b".\r\n")

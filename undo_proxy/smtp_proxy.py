@@ -19,7 +19,7 @@ from storage.timeline import GroupCommitter, NewVerb, Timeline, iso, utcnow
 from undo_proxy import metrics
 from undo_proxy.config import SmtpFrontend
 from undo_proxy.gate import Gate, Refused
-from undo_proxy.smtp_upstream import SmtpUpstream, UpstreamSession, UpstreamUnavailable
+from undo_proxy.smtp_upstream import OutcomeUnknown, SmtpUpstream, UpstreamRefused, UpstreamSession, UpstreamUnavailable
 from undo_proxy.tls import server_context
 from verbs.smtp import bare_line_ending, ensure_message_id, subject_of
 
@@ -27,6 +27,7 @@ log = logging.getLogger("undo_proxy.smtp")
 CYCLE_OPEN = "451 4.3.0 Service temporarily unavailable (undo cycle in progress); try again later"
 UPSTREAM_DOWN = "451 4.4.1 Upstream mail server unavailable; try again later"
 TIMELINE_DOWN = "451 4.3.0 Cannot record the message; try again later"
+OUTCOME_UNKNOWN = "451 4.4.2 The mail server did not answer after the message; it may have been delivered"
 
 
 @dataclass
@@ -112,6 +113,13 @@ class SmtpHandler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
+        tx = self.tx(session)
+        if tx.upstream:
+            # EHLO ends the client's transaction (RFC 5321 4.1.4) and names the client anew: the upstream
+            # session ends with it, and the next MAIL opens one that tells the MTA the new name.
+            tx.replies.clear()
+            upstream, tx.upstream = tx.upstream, None
+            await upstream.close()
         # aiosmtpd reads commands in order from one stream and answers each in turn: pipelining works
         # (RFC 2920), it just is not advertised by aiosmtpd itself.
         return responses[:-1] + ["250-PIPELINING"] + responses[-1:]
@@ -125,6 +133,10 @@ class SmtpHandler:
             if tx.upstream is None:
                 tx.upstream = await self.upstream.session(session.peer[0], session.host_name)
             reply = await tx.upstream.mail(address, mail_options)
+        except UpstreamRefused as exc:   # for good, for this client (its HELO, say): it hears why
+            log.info("MAIL from %s: the upstream refused the session: %s", session.peer[0], exc)
+            tx.upstream = None
+            return exc.reply.line()
         except UpstreamUnavailable as exc:
             metrics.FRONTEND_ERRORS.labels("smtp", "upstream").inc()
             log.warning("MAIL from %s: %s", session.peer[0], exc)
@@ -236,6 +248,15 @@ class SmtpHandler:
         assert tx.upstream is not None
         try:
             data = await tx.upstream.data(message)
+        except OutcomeUnknown as exc:
+            tx.upstream = None
+            metrics.VERBS.labels("smtp", "unknown").inc()
+            log.warning("%s: the upstream went away after the message was sent (%s): outcome unknown",
+                        intent.summary, exc)
+            summary = self.pack.summary(intent.summary, None, f"outcome unknown ({exc})")
+            await self._finish(seq, "unknown", {"error": f"the upstream did not answer after the message: {exc}"},
+                               summary)
+            return OUTCOME_UNKNOWN
         except UpstreamUnavailable as exc:
             tx.upstream = None
             metrics.VERBS.labels("smtp", "failed").inc()
@@ -251,10 +272,16 @@ class SmtpHandler:
         return data.line()
 
     async def _finish(self, seq: int, status: str, output: dict[str, Any], summary: str) -> bool:
+        """The outcome on record before the client hears it. When it cannot be written now, it is still
+        queued: the committer keeps it and writes it once the timeline can be written again, so the verb ends
+        up saying what the MTA did rather than staying pending."""
+        def op(s: Any) -> None:
+            Timeline.finish_verb(s, seq, status, output, summary)
         try:
-            await self.committer.write(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
+            await self.committer.write(op)
             return True
         except TimelineUnavailable:
+            self.committer.submit_nowait(op)
             return False
 
     async def _reset_upstream(self, tx: Transaction) -> None:

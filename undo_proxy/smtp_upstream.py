@@ -4,16 +4,28 @@ traffic, replay and compensation messages all go through here."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import aiosmtplib
 
 log = logging.getLogger("undo_proxy.smtp")
+DATA_END_TIMEOUT = 600.0
+HELO_NAME = re.compile(r"[A-Za-z0-9.\-\[\]:_]{1,255}")   # what goes on an EHLO line as it is
 
 
 class UpstreamUnavailable(Exception):
     """The MTA cannot be reached, or dropped the session."""
+
+
+class UpstreamRefused(UpstreamUnavailable):
+    """The MTA refused the session for this client for good (a 5xx to XCLIENT or to the client's HELO): the
+    client gets that reply, not a temporary failure to retry for ever."""
+
+    def __init__(self, reply: "Reply") -> None:
+        super().__init__(f"{reply.code} {reply.message}")
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,15 @@ def _xtext(value: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
 
 
+def xclient_attributes(client_addr: str, helo: str | None) -> list[str]:
+    """XCLIENT's attributes for the real client: Postfix wants an IPv6 address marked as such (XCLIENT_README)."""
+    addr = f"IPV6:{client_addr}" if ":" in client_addr else client_addr
+    attrs = [f"ADDR={_xtext(addr)}", "NAME=[UNAVAILABLE]", "PROTO=ESMTP"]
+    if helo:
+        attrs.append(f"HELO={_xtext(helo)}")
+    return attrs
+
+
 class UpstreamSession:
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
         self.smtp = smtp
@@ -57,12 +78,16 @@ class UpstreamSession:
         return await self._command(b"RCPT", f"TO:<{recipient}>".encode(), *[o.encode() for o in options])
 
     async def data(self, message: bytes) -> Reply:
+        """DATA and the message. Raises OutcomeUnknown when the MTA went away or did not answer in time once
+        the message was on its way: it may have taken it."""
         try:
-            response = await self.smtp.data(message)
+            # RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the final dot (content filters,
+            # milters); giving up sooner tells the client to send again what the MTA may be delivering.
+            response = await self.smtp.data(message, timeout=max(self.smtp.timeout or 0, DATA_END_TIMEOUT))
         except aiosmtplib.SMTPDataError as exc:
             return Reply(exc.code, exc.message)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            raise UpstreamUnavailable(str(exc)) from None
+            raise OutcomeUnknown(str(exc)) from None
         return Reply(response.code, response.message)
 
     async def rset(self) -> None:
@@ -134,14 +159,23 @@ class SmtpUpstream:
                         f"address to Postfix's smtpd_authorized_xclient_hosts, or set allow_without_xclient = "
                         f"true to accept the risk")
             elif client_addr:
-                attrs = [f"ADDR={_xtext(client_addr)}", "NAME=[UNAVAILABLE]", "PROTO=ESMTP"]
-                if client_helo:
-                    attrs.append(f"HELO={_xtext(client_helo)}")
-                response = await smtp.execute_command(b"XCLIENT", *[a.encode() for a in attrs])
+                helo = client_helo if client_helo and HELO_NAME.fullmatch(client_helo) else None
+                response = await smtp.execute_command(b"XCLIENT", *[a.encode() for a in xclient_attributes(
+                    client_addr, helo)])
                 if response.code != 220:
                     smtp.close()
+                    if 500 <= response.code < 600:
+                        raise UpstreamRefused(Reply(response.code, response.message))
                     raise UpstreamUnavailable(f"XCLIENT refused: {response.code} {response.message}")
-                await smtp.ehlo()
+                # The session starts again after XCLIENT: the EHLO that follows is the one the MTA's HELO
+                # checks and Received header see, so it carries the client's name, not the proxy's.
+                try:
+                    await smtp.ehlo(hostname=helo)
+                except aiosmtplib.SMTPHeloError as exc:
+                    smtp.close()
+                    if 500 <= exc.code < 600:
+                        raise UpstreamRefused(Reply(exc.code, exc.message)) from None
+                    raise UpstreamUnavailable(f"EHLO refused: {exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             raise UpstreamUnavailable(f"{self.host}:{self.port}: {exc}") from None
@@ -150,3 +184,7 @@ class SmtpUpstream:
 
 class XclientMissing(UpstreamUnavailable):
     """The MTA does not offer XCLIENT and the config does not accept the risk."""
+
+
+class OutcomeUnknown(UpstreamUnavailable):
+    """The message was on its way when the MTA went away or stopped answering: it may have taken it."""
