@@ -428,6 +428,16 @@ class GroupCommitter:
     async def write(self, op: Callable[[Session], Any]) -> Any:
         return await self.submit(op)
 
+    async def write_or_keep(self, op: Callable[[Session], Any]) -> bool:
+        """Commit op and wait for it (True); if the timeline cannot be written now, op is kept and written
+        once it can (False): an outcome that happened is recorded late rather than never."""
+        try:
+            await self.submit(op)
+            return True
+        except TimelineUnavailable:
+            self.submit_nowait(op)
+            return False
+
     def submit_nowait(self, op: Callable[[Session], Any]) -> None:
         """Queue op without anyone waiting (batched reads); a failure is logged."""
         self._queue.put_nowait((op, None))

@@ -467,6 +467,37 @@ async def test_group_committer_batches_concurrent_writes(tl: Timeline) -> None:
     assert stored == {f"/c{i}": results[i] for i in range(200)}
 
 
+async def test_an_outcome_that_cannot_be_written_now_is_kept_and_written_once_it_can(tl: Timeline) -> None:
+    """write_or_keep: the first two attempts find the database full (the awaited one and the one queued for
+    later); the write is kept, and made with the first batch that succeeds."""
+    from sqlalchemy.exc import OperationalError
+    committer = GroupCommitter(tl)
+    committer.start()
+    attempts = 0
+    v = new_verb(targets=["/late"])
+
+    def op(s) -> None:  # noqa: ANN001
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+        Timeline.insert_verb(s, v)
+    try:
+        assert await committer.write_or_keep(op) is False
+        for _ in range(100):   # the queued attempt lingers, then fails and is kept
+            if attempts >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert attempts == 2 and not tl.verbs(VerbFilter())
+        await committer.write(lambda s: Timeline.insert_verb(s, new_verb(targets=["/next"])))
+        await committer.flush()
+        assert attempts == 3
+        assert sorted(x["targets"][0] for x in tl.verbs(VerbFilter())) == ["/late", "/next"]
+        assert committer.unawaited_failures == 0
+    finally:
+        await committer.stop()
+
+
 async def test_group_committer_one_bad_write_does_not_sink_its_batch(tl: Timeline) -> None:
     committer = GroupCommitter(tl)
     committer.start()

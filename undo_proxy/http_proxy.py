@@ -268,10 +268,9 @@ class HttpFrontendServer:
                         buffered: BufferedResponse) -> web.StreamResponse:
         output = self._output(buffered, intent)
         summary = self.pack.summary(intent.summary, output)
-        try:
-            await self.committer.write(lambda s: Timeline.finish_verb(s, seq, "committed", output, summary))
-        except TimelineUnavailable as exc:
-            log.error("verb %d reached the upstream but its outcome cannot be recorded: %s", seq, exc)
+        if not await self.committer.write_or_keep(
+                lambda s: Timeline.finish_verb(s, seq, "committed", output, summary)):
+            log.error("verb %d reached the upstream but its outcome cannot be recorded yet: kept for later", seq)
             return _unrecordable()
         self._committed.inc()
         return await self._send_buffered(request, buffered)
@@ -281,11 +280,8 @@ class HttpFrontendServer:
         metrics.FRONTEND_ERRORS.labels("http", "upstream").inc()
         log.warning("%s: %s", intent.summary, err.reason)
         summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
-        try:
-            await self.committer.write(
-                lambda s: Timeline.finish_verb(s, seq, "failed", {"error": err.reason, "status": err.status}, summary))
-        except TimelineUnavailable:
-            pass  # stays pending; marked unknown at the next start
+        await self.committer.write_or_keep(
+            lambda s: Timeline.finish_verb(s, seq, "failed", {"error": err.reason, "status": err.status}, summary))
         return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
 
     async def _send_buffered(self, request: web.BaseRequest, buffered: BufferedResponse,

@@ -530,11 +530,8 @@ class ImapSession:
             self.reply(tag, CYCLE_OPEN)
 
     async def _finish(self, seq: int, status: str, output: dict[str, Any], summary: str) -> bool:
-        try:
-            await self.fe.committer.write(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
-            return True
-        except TimelineUnavailable:
-            return False
+        """The outcome on record (False: not yet; it is written once the timeline can be)."""
+        return await self.fe.committer.write_or_keep(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
 
     def _base(self, action: str, **more: Any) -> dict[str, Any]:
         return {"action": action, "user": self.user, "mailbox": self.selected, **more}

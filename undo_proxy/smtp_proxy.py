@@ -275,14 +275,7 @@ class SmtpHandler:
         """The outcome on record before the client hears it. When it cannot be written now, it is still
         queued: the committer keeps it and writes it once the timeline can be written again, so the verb ends
         up saying what the MTA did rather than staying pending."""
-        def op(s: Any) -> None:
-            Timeline.finish_verb(s, seq, status, output, summary)
-        try:
-            await self.committer.write(op)
-            return True
-        except TimelineUnavailable:
-            self.committer.submit_nowait(op)
-            return False
+        return await self.committer.write_or_keep(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
 
     async def _reset_upstream(self, tx: Transaction) -> None:
         tx.replies.clear()
