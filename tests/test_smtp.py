@@ -288,10 +288,11 @@ def test_no_open_relay_through_the_proxy(smtp_stack: MailStack, postfix: Postfix
     assert res.returncode == 24, res.stdout          # swaks: the RCPT was refused
 
 
-class _NoXclient:
-    """An aiosmtpd upstream without XCLIENT, in a thread; records what it receives."""
+class _FakeMta:
+    """An aiosmtpd upstream (no XCLIENT) in a thread: it keeps what it receives, and answers the final dot with
+    `at_end(server)` (250 at once by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_end: Any = None) -> None:
         from aiosmtpd.controller import Controller
 
         self.received: list[bytes] = []
@@ -300,12 +301,12 @@ class _NoXclient:
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 outer.received.append(envelope.original_content)
-                return "250 OK"
+                return await at_end(server) if at_end else "250 OK"
 
         self.port = free_port()
         self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
 
-    def __enter__(self) -> "_NoXclient":
+    def __enter__(self) -> "_FakeMta":
         self.controller.start()
         return self
 
@@ -338,7 +339,7 @@ upstream = "127.0.0.1:{upstream_port}"
 
 
 def test_upstream_without_xclient_refuses_to_start(tmp_path: Path) -> None:
-    with _NoXclient() as up:
+    with _FakeMta() as up:
         cfg = _config(tmp_path, up.port, free_port())
         res = subprocess.run([UNDO_PROXY, "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
@@ -346,7 +347,7 @@ def test_upstream_without_xclient_refuses_to_start(tmp_path: Path) -> None:
 
 
 def test_upstream_without_xclient_allowed_when_configured(tmp_path: Path) -> None:
-    with _NoXclient() as up:
+    with _FakeMta() as up:
         port = free_port()
         cfg = _config(tmp_path, up.port, port, "allow_without_xclient = true")
         proc = subprocess.Popen([UNDO_PROXY, "serve", "-c", str(cfg)], stdout=subprocess.DEVNULL,
@@ -360,39 +361,28 @@ def test_upstream_without_xclient_allowed_when_configured(tmp_path: Path) -> Non
             proc.wait(15)
 
 
-class _FakeMta:
-    """An aiosmtpd upstream (no XCLIENT) in a thread whose answer to the final dot is `at_end(server)`."""
-
-    def __init__(self, at_end: Any) -> None:
-        from aiosmtpd.controller import Controller
-
-        class Handler:
-            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                return await at_end(server)
-
-        self.port = free_port()
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
-
-    def __enter__(self) -> "_FakeMta":
-        self.controller.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.controller.stop()
-
-
-def _serve_before(tmp_path: Path, mta: _FakeMta, extra: str) -> tuple[int, Path, subprocess.Popen]:
-    port = free_port()
-    cfg = _config(tmp_path, mta.port, port, "allow_without_xclient = true\n" + extra)
-    proc = subprocess.Popen([UNDO_PROXY, "serve", "-c", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_port(port, proc=proc)
-    return port, cfg, proc
-
-
-def _deliveries(cfg: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([UNDO_PROXY, "timeline", "--json", "-c", str(cfg)], capture_output=True, text=True, check=True)
-    return [v for v in json.loads(out.stdout) if v["verb"] == "smtp.deliver"]
+def _one_message_through(tmp_path: Path, at_end: Any, extra: str, mid: str) -> tuple[tuple[int, str], list[dict]]:
+    """Send one message through a proxy before a _FakeMta: the client's final reply and the smtp.deliver verbs."""
+    with _FakeMta(at_end) as mta:
+        port = free_port()
+        cfg = _config(tmp_path, mta.port, port, "allow_without_xclient = true\n" + extra)
+        proc = subprocess.Popen([UNDO_PROXY, "serve", "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_port(port, proc=proc)
+            with Raw(port) as c:
+                c.cmd("EHLO client.test")
+                c.cmd(f"MAIL FROM:<{BOB}>")
+                c.cmd(f"RCPT TO:<{ALICE}>")
+                assert c.cmd("DATA")[0] == 354
+                c.send(simple_message(f"through {mid}", mid=mid) + b".\r\n")
+                reply = c.reply()
+            out = subprocess.run([UNDO_PROXY, "timeline", "--json", "-c", str(cfg)], capture_output=True,
+                                 text=True, check=True)
+            return reply, [v for v in json.loads(out.stdout) if v["verb"] == "smtp.deliver"]
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 def test_a_slow_answer_to_the_final_dot_is_waited_for_not_timed_out(tmp_path: Path) -> None:
@@ -401,21 +391,9 @@ def test_a_slow_answer_to_the_final_dot_is_waited_for_not_timed_out(tmp_path: Pa
     async def slow(server: Any) -> str:
         await asyncio.sleep(3)
         return "250 2.0.0 Ok: queued after a while"
-    with _FakeMta(slow) as mta:
-        port, cfg, proc = _serve_before(tmp_path, mta, 'timeout = "1s"')
-        try:
-            with Raw(port) as c:
-                c.cmd("EHLO client.test")
-                c.cmd(f"MAIL FROM:<{BOB}>")
-                c.cmd(f"RCPT TO:<{ALICE}>")
-                assert c.cmd("DATA")[0] == 354
-                c.send(simple_message("slow filter", mid="<slow@client.test>") + b".\r\n")
-                assert c.reply() == (250, "2.0.0 Ok: queued after a while")
-            [verb] = _deliveries(cfg)
-            assert verb["status"] == "committed"
-        finally:
-            proc.terminate()
-            proc.wait(15)
+    reply, [verb] = _one_message_through(tmp_path, slow, 'timeout = "1s"', "<slow@client.test>")
+    assert reply == (250, "2.0.0 Ok: queued after a while")
+    assert verb["status"] == "committed"
 
 
 def test_an_mta_gone_after_the_final_dot_leaves_the_outcome_unknown(tmp_path: Path) -> None:
@@ -424,22 +402,9 @@ def test_an_mta_gone_after_the_final_dot_leaves_the_outcome_unknown(tmp_path: Pa
     async def vanish(server: Any) -> str:
         server.transport.abort()
         return "250 never heard"
-    with _FakeMta(vanish) as mta:
-        port, cfg, proc = _serve_before(tmp_path, mta, "")
-        try:
-            with Raw(port) as c:
-                c.cmd("EHLO client.test")
-                c.cmd(f"MAIL FROM:<{BOB}>")
-                c.cmd(f"RCPT TO:<{ALICE}>")
-                assert c.cmd("DATA")[0] == 354
-                c.send(simple_message("vanishing mta", mid="<gone@client.test>") + b".\r\n")
-                code, text = c.reply()
-                assert code == 451 and "may have been delivered" in text
-            [verb] = _deliveries(cfg)
-            assert verb["status"] == "unknown" and "outcome unknown" in verb["summary"]
-        finally:
-            proc.terminate()
-            proc.wait(15)
+    (code, text), [verb] = _one_message_through(tmp_path, vanish, "", "<gone@client.test>")
+    assert code == 451 and "may have been delivered" in text
+    assert verb["status"] == "unknown" and "outcome unknown" in verb["summary"]
 
 
 def test_postfix_sees_the_clients_helo_and_a_second_ehlo_ends_both_transactions(smtp_stack: MailStack,
