@@ -201,7 +201,7 @@ class UndoManager:
     async def delete_snapshot(self, name: str) -> None:
         backend = self._need_backend()
         async with self._op_lock:
-            snap = await self._snapshot_named(name.strip())
+            snap = await self._snapshot_named(name)   # exactly as given: no id with a stray newline deletes one
             if snap is None:
                 raise OperationError(400, f"{name!r} is neither a snapshot id nor a snapshot's label")
             sid = snap["id"]
