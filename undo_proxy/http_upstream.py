@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterable, Iterable, Sequence
 
@@ -181,8 +182,7 @@ class HttpUpstream:
     # --- the pool of kept-alive connections ------------------------------------------------------
     async def _connection(self) -> tuple[ResponseHandler, bool]:
         """An idle connection (True: reused) or a new one."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         while self._idle:
             since, proto = self._idle.pop()
             # should_close also catches bytes the upstream sent while the connection was idle: parsed as an
@@ -192,6 +192,7 @@ class HttpUpstream:
             proto.close()
         try:
             async with asyncio.timeout(min(self.timeout, 10)):
+                loop = asyncio.get_running_loop()
                 _, proto = await loop.create_connection(lambda: ResponseHandler(loop), self.host, self.port)
         except OSError as exc:
             raise UpstreamError(502, f"upstream unreachable: {exc.strerror or exc}") from None
@@ -201,7 +202,7 @@ class HttpUpstream:
         if proto.should_close or not proto.is_connected():
             proto.close()
         else:
-            self._idle.append((asyncio.get_running_loop().time(), proto))
+            self._idle.append((time.monotonic(), proto))
 
     def request_head(self, method: str, path: str, headers: list[tuple[str, str]], data: bytes | None) -> bytes:
         lines = [f"{method} {self.prefix}{path} HTTP/1.1"]
