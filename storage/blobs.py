@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from storage.durable import fsync_dir
+
 CHUNK = 256 * 1024
 SPILL = 256 * 1024  # a body larger than this goes to a temp file as it arrives
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
@@ -199,11 +201,7 @@ class BlobWriter:
             os.chmod(self._tmp, 0o600)
             os.replace(self._tmp, final)
             self._tmp = None
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(final.parent)
             self.store._remember(digest, self.stored)
             return BlobRef(digest, self.size, self.stored, True)
         except BaseException:

@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from pathlib import Path
 
+from storage.durable import create_empty
+
 TAKING = ".taking-"   # the marker of a snapshot being taken, before the timeline records it
 SNAPSHOT_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z(-[0-9]{1,6})?$")
 
@@ -59,19 +61,6 @@ async def run(*argv: str, timeout: float = 600) -> str:
     return out.decode(errors="replace")
 
 
-def _write_durably(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _rename(src: Path, dst: Path, what: str) -> None:
     try:
         os.rename(src, dst)
@@ -103,7 +92,7 @@ class SnapshotBackend(ABC):
         """Snapshot the volume as `sid`. A durable marker says the snapshot is this store's owner's doing
         until `recorded(sid)`: after a crash in between, `unrecorded()` names it, and only such a snapshot
         is ever removed for being unknown (a store may hold another timeline's snapshots)."""
-        await asyncio.to_thread(_write_durably, self._marker(sid))
+        await asyncio.to_thread(create_empty, self._marker(sid))
         try:
             return await self._take(sid)
         except BaseException:

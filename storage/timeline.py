@@ -438,6 +438,10 @@ class GroupCommitter:
             self.submit_nowait(op)
             return False
 
+    async def finish_verb(self, seq: int, status: str, output: dict[str, Any] | None, summary: str) -> bool:
+        """A verb's outcome, committed (True) or kept to be written once the timeline can be (False)."""
+        return await self.write_or_keep(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
+
     def submit_nowait(self, op: Callable[[Session], Any]) -> None:
         """Queue op without anyone waiting (batched reads); a failure is logged."""
         self._queue.put_nowait((op, None))
@@ -446,8 +450,6 @@ class GroupCommitter:
     def record_nowait(self, verb: NewVerb) -> None:
         """Queue a finished verb's record without anyone waiting (reads). Consecutive ones in a batch are
         inserted with one executemany; a failure is logged."""
-        if verb.time is None:
-            verb.time = utcnow()   # when it happened, even if it is written late
         self._queue.put_nowait((_VerbRecord(verb), None))
         self._full_batch_ends_linger()
 
@@ -497,6 +499,8 @@ class GroupCommitter:
             return
         if not self._failed:
             log.error("a batched timeline write failed (%s): kept, to be written once the timeline can be", error)
+        if isinstance(op, _VerbRecord) and op.verb.time is None:
+            op.verb.time = utcnow()   # about when it happened, not when it is written at last
         self._failed.append(op)
 
     async def _write_failed(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -3,7 +3,6 @@ error, 3 the daemon is not reachable. `--json` prints one JSON document on stdou
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import secrets
@@ -36,15 +35,17 @@ def die(code: int, message: str) -> NoReturn:
 
 
 # --- talking to the daemon --------------------------------------------------------------------------
+def admin_request(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None) -> urllib.request.Request:
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.Request(f"http://{cfg.admin.listen}{path}", data=data, method=method,
+                                  headers={"Authorization": f"Bearer {cfg.admin.token}",
+                                           "Content-Type": "application/json"})
+
+
 def api(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None,
         timeout: float | None = 600) -> Any:
-    url = f"http://{cfg.admin.listen}{path}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Authorization": f"Bearer {cfg.admin.token}",
-                                          "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(admin_request(cfg, method, path, body), timeout=timeout) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
@@ -129,10 +130,8 @@ def cmd_serve(args: argparse.Namespace, cfg: Config) -> None:
 def daemon_state(cfg: Config) -> str:
     """'running' when the daemon's admin API answers, else 'not running' (status reads the timeline itself,
     so it says which it is: a stopped daemon records nothing)."""
-    req = urllib.request.Request(f"http://{cfg.admin.listen}/api/status",
-                                 headers={"Authorization": f"Bearer {cfg.admin.token}"})
     try:
-        with urllib.request.urlopen(req, timeout=2):
+        with urllib.request.urlopen(admin_request(cfg, "GET", "/api/status"), timeout=2):
             return "running"
     except urllib.error.HTTPError:
         return "running"   # it answered (a token from another config, say)

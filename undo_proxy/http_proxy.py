@@ -268,8 +268,7 @@ class HttpFrontendServer:
                         buffered: BufferedResponse) -> web.StreamResponse:
         output = self._output(buffered, intent)
         summary = self.pack.summary(intent.summary, output)
-        if not await self.committer.write_or_keep(
-                lambda s: Timeline.finish_verb(s, seq, "committed", output, summary)):
+        if not await self.committer.finish_verb(seq, "committed", output, summary):
             log.error("verb %d reached the upstream but its outcome cannot be recorded yet: kept for later", seq)
             return _unrecordable()
         self._committed.inc()
@@ -280,8 +279,7 @@ class HttpFrontendServer:
         metrics.FRONTEND_ERRORS.labels("http", "upstream").inc()
         log.warning("%s: %s", intent.summary, err.reason)
         summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")
-        await self.committer.write_or_keep(
-            lambda s: Timeline.finish_verb(s, seq, "failed", {"error": err.reason, "status": err.status}, summary))
+        await self.committer.finish_verb(seq, "failed", {"error": err.reason, "status": err.status}, summary)
         return _plain(err.status, f"{err.status} undo-proxy: {err.reason}\n")
 
     async def _send_buffered(self, request: web.BaseRequest, buffered: BufferedResponse,

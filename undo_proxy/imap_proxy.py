@@ -513,11 +513,11 @@ class ImapSession:
                                                else None, buffer)
                 except UpstreamUnavailable as exc:
                     metrics.VERBS.labels("imap", "failed").inc()
-                    await self._finish(seq, "failed", {"error": str(exc)}, pack.summary(intent.summary, None,
-                                                                                      f"upstream failed ({exc})"))
+                    await committer.finish_verb(seq, "failed", {"error": str(exc)},
+                                                pack.summary(intent.summary, None, f"upstream failed ({exc})"))
                     raise
                 output = status_output(tagged, expunges)
-                recorded = await self._finish(seq, "committed", output, pack.summary(intent.summary, output))
+                recorded = await committer.finish_verb(seq, "committed", output, pack.summary(intent.summary, output))
                 for data in buffer:
                     self.write(data)
                 if recorded:
@@ -528,10 +528,6 @@ class ImapSession:
         except Refused:
             metrics.FRONTEND_ERRORS.labels("imap", "cycle-open").inc()
             self.reply(tag, CYCLE_OPEN)
-
-    async def _finish(self, seq: int, status: str, output: dict[str, Any], summary: str) -> bool:
-        """The outcome on record (False: not yet; it is written once the timeline can be)."""
-        return await self.fe.committer.write_or_keep(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
 
     def _base(self, action: str, **more: Any) -> dict[str, Any]:
         return {"action": action, "user": self.user, "mailbox": self.selected, **more}

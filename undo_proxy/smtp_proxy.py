@@ -240,8 +240,8 @@ class SmtpHandler:
         except OSError as exc:
             metrics.FRONTEND_ERRORS.labels("smtp", "blobs").inc()
             log.error("refusing %s: the message cannot be stored: %s", intent.summary, exc)
-            await self._finish(seq, "failed", {"error": f"cannot store the message: {exc}"},
-                               self.pack.summary(intent.summary, None, "not stored"))
+            await self.committer.finish_verb(seq, "failed", {"error": f"cannot store the message: {exc}"},
+                                             self.pack.summary(intent.summary, None, "not stored"))
             await self._reset_upstream(tx)
             return TIMELINE_DOWN
         metrics.BYTES_RECORDED.inc(ref.stored_size if ref.new else 0)
@@ -254,28 +254,22 @@ class SmtpHandler:
             log.warning("%s: the upstream went away after the message was sent (%s): outcome unknown",
                         intent.summary, exc)
             summary = self.pack.summary(intent.summary, None, f"outcome unknown ({exc})")
-            await self._finish(seq, "unknown", {"error": f"the upstream did not answer after the message: {exc}"},
-                               summary)
+            await self.committer.finish_verb(
+                seq, "unknown", {"error": f"the upstream did not answer after the message: {exc}"}, summary)
             return OUTCOME_UNKNOWN
         except UpstreamUnavailable as exc:
             tx.upstream = None
             metrics.VERBS.labels("smtp", "failed").inc()
             summary = self.pack.summary(intent.summary, None, f"upstream failed ({exc})")
-            await self._finish(seq, "failed", {"error": str(exc)}, summary)
+            await self.committer.finish_verb(seq, "failed", {"error": str(exc)}, summary)
             return UPSTREAM_DOWN
         output = {"mail": tx.mail_reply, "rcpt": dict(tx.replies), "data": data.json()}
-        if not await self._finish(seq, "committed", output, self.pack.summary(intent.summary, output)):
+        if not await self.committer.finish_verb(seq, "committed", output, self.pack.summary(intent.summary, output)):
             # The MTA has the message but its outcome is not on record: say so instead of 250.
             return TIMELINE_DOWN
         metrics.VERBS.labels("smtp", "committed").inc()
         tx.replies.clear()
         return data.line()
-
-    async def _finish(self, seq: int, status: str, output: dict[str, Any], summary: str) -> bool:
-        """The outcome on record before the client hears it. When it cannot be written now, it is still
-        queued: the committer keeps it and writes it once the timeline can be written again, so the verb ends
-        up saying what the MTA did rather than staying pending."""
-        return await self.committer.write_or_keep(lambda s: Timeline.finish_verb(s, seq, status, output, summary))
 
     async def _reset_upstream(self, tx: Transaction) -> None:
         tx.replies.clear()

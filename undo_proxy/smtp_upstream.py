@@ -28,6 +28,10 @@ class UpstreamRefused(UpstreamUnavailable):
         self.reply = reply
 
 
+class OutcomeUnknown(UpstreamUnavailable):
+    """The message was on its way when the MTA went away or stopped answering: it may have taken it."""
+
+
 @dataclass(frozen=True)
 class Reply:
     code: int
@@ -185,6 +189,3 @@ class SmtpUpstream:
 class XclientMissing(UpstreamUnavailable):
     """The MTA does not offer XCLIENT and the config does not accept the risk."""
 
-
-class OutcomeUnknown(UpstreamUnavailable):
-    """The message was on its way when the MTA went away or stopped answering: it may have taken it."""
