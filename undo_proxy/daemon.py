@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from undo_proxy.smtp_upstream import SmtpUpstream, XclientMissing
 from verbs.base import load_pack
 
 log = logging.getLogger("undo_proxy")
+GC_FIRST_GENERATION = 20_000  # CPython default: 700
 
 
 class StartupError(Exception):
@@ -75,6 +77,15 @@ def run(cfg: Config) -> None:
         asyncio.run(serve(cfg))
     else:
         uvloop.run(serve(cfg))
+
+
+def settle_garbage_collector() -> None:
+    """Everything made at start-up lives as long as the daemon: frozen, the collector no longer walks it on
+    every full collection. Requests make short-lived containers by the thousand: a larger first generation
+    collects them in fewer, cheaper passes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_FIRST_GENERATION, *gc.get_threshold()[1:])
 
 
 async def serve(cfg: Config) -> None:
@@ -173,6 +184,7 @@ async def serve(cfg: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        settle_garbage_collector()
         log.info("undo-proxy serving (mode %s)", gate.mode)
         await stop.wait()
         log.info("stopping")
