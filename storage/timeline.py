@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import logging
@@ -110,8 +111,59 @@ class VerbFilter:
 # ORM's per-call statement building and cache-key work (about 4x cheaper per verb than .values(...)).
 _VERBS = VerbRow.__table__
 _INSERT_VERB = insert(_VERBS).returning(_VERBS.c.seq)
-_INSERT_VERBS = insert(_VERBS)
 _FINISH_VERB = update(_VERBS).where(_VERBS.c.seq == bindparam("seq_"))
+_ROWS_PER_INSERT = 64  # 64 rows of 14 columns: under SQLite's oldest limit of 999 bound parameters
+_VERB_COLUMNS = ("time", "protocol", "frontend", "verb", "targets", "mutates", "status", "origin", "cycle",
+                 "original_seq", "summary", "request", "output", "finished")
+
+
+class _RowsInsert:
+    """Verb rows inserted many to a statement, the SQL compiled once per dialect and size, the values put
+    through the columns' own bind processors. Not an executemany: SQLite's driver lets go of the GIL and takes
+    it back for every row it steps, and each time the proxy's event loop is made to wait for it. Not
+    SQLAlchemy's multi-row .values(): its per-execution work on hundreds of parameters costs more than the
+    insert itself."""
+
+    def __init__(self, dialect: Any) -> None:
+        self.dialect = dialect
+        self.processors = [_VERBS.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in _VERB_COLUMNS]
+        self._sql: dict[int, tuple[str, list[str] | None]] = {}
+
+    def insert(self, s: Session, values: list[dict[str, Any]]) -> None:
+        start = 0
+        while start < len(values):
+            # 64 rows at a time, then the rest by powers of two: seven statements to compile, not 64.
+            rows = min(_ROWS_PER_INSERT, 1 << ((len(values) - start).bit_length() - 1))
+            sql, order = self._statement(rows)
+            params = self._params(values[start:start + rows])
+            s.connection().exec_driver_sql(sql, tuple(params[n] for n in order) if order is not None else params)
+            start += rows
+
+    def _statement(self, rows: int) -> tuple[str, list[str] | None]:
+        """(SQL, the order of the bind names if the driver's parameters are positional)."""
+        found = self._sql.get(rows)
+        if found is None:
+            stmt = insert(_VERBS).values([{c: bindparam(f"{c}_{i}") for c in _VERB_COLUMNS} for i in range(rows)])
+            compiled = stmt.compile(dialect=self.dialect)
+            found = self._sql[rows] = (compiled.string, list(compiled.positiontup) if compiled.positional else None)
+        return found
+
+    def _params(self, values: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, row in enumerate(values):
+            for name, column, process in zip(_bind_names(i), _VERB_COLUMNS, self.processors):
+                out[name] = row[column] if process is None else process(row[column])
+        return out
+
+
+@functools.cache
+def _rows_insert(dialect: Any) -> _RowsInsert:
+    return _RowsInsert(dialect)
+
+
+@functools.cache
+def _bind_names(row: int) -> tuple[str, ...]:
+    return tuple(f"{c}_{row}" for c in _VERB_COLUMNS)
 
 
 def _verb_values(v: NewVerb) -> dict[str, Any]:
@@ -159,8 +211,8 @@ class Timeline:
 
     @staticmethod
     def insert_verbs(s: Session, verbs: Sequence[NewVerb]) -> None:
-        """Several verbs in one executemany (no seqs returned): the batched reads."""
-        s.execute(_INSERT_VERBS, [_verb_values(v) for v in verbs])
+        """Several verbs, many to a statement, in their order (no seqs returned): the batched reads."""
+        _rows_insert(s.get_bind().dialect).insert(s, [_verb_values(v) for v in verbs])
 
     @staticmethod
     def finish_verb(s: Session, seq: int, status: str, output: dict[str, Any] | None, summary: str) -> None:

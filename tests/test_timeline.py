@@ -194,6 +194,38 @@ def test_seqs_strictly_increase(tl: Timeline) -> None:
     assert tl.last_seq() == seqs[-1]
 
 
+def test_batched_inserts_store_what_single_inserts_do_in_order(tl: Timeline) -> None:
+    """insert_verbs writes many rows to a statement (64, then powers of two): 150 verbs of every kind of
+    value come back as the one-by-one inserts store them, in the order given."""
+    when = datetime(2026, 12, 4, 9, 30, 0, 654321, tzinfo=timezone.utc)
+
+    def verbs(tag: str) -> list[NewVerb]:
+        return [new_verb("http.get" if i % 3 else "webdav.put", [f"/{tag}/{i}", f"/{tag}/x{i}"][: 1 + i % 2],
+                         status="committed" if i % 2 else "pending", time=when if i % 5 == 0 else None,
+                         output=None if i % 4 == 0 else {"status": 200, "big": 2**70 if i == 7 else i},
+                         request={"method": "GET", "n": i, "text": "caf\u00e9 'q' \"d\" %s ?"},
+                         cycle=None, original_seq=i if i % 6 == 0 else None, origin="live")
+                for i in range(150)]
+
+    singles = [tl.run(lambda s, v=v: Timeline.insert_verb(s, v)) for v in verbs("one")]
+    tl.run(lambda s: Timeline.insert_verbs(s, verbs("many")))
+    docs = [tl.verb(v["seq"]) for v in tl.verbs(VerbFilter())]
+    assert [d["seq"] for d in docs[:150]] == singles
+    batched = docs[150:]
+    assert len(batched) == 150
+    assert [d["targets"][0] for d in batched] == [f"/many/{i}" for i in range(150)]  # in the order given
+
+    def comparable(doc: dict) -> dict:
+        out = {k: v for k, v in doc.items() if k not in ("seq", "time", "finished", "summary", "targets")}
+        out["targets"] = [t.split("/", 2)[2] for t in doc["targets"]]
+        out["fixed time"] = doc["time"] if doc["time"].startswith("2026-12-04T09:30:00.654321") else None
+        out["finished is time"] = doc["finished"] == doc["time"] if doc["finished"] else None
+        return out
+    assert [comparable(d) for d in batched] == [comparable(d) for d in docs[:150]]
+    assert batched[0]["output"] is None and batched[7]["output"] == {"status": 200, "big": 2**70}
+    assert batched[0]["time"] == "2026-12-04T09:30:00.654321+00:00"
+
+
 @pytest.fixture
 def populated(tl: Timeline) -> dict[str, int]:
     """A small mixed history; returns name -> seq."""
