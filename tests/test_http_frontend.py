@@ -560,6 +560,37 @@ def test_response_headers_and_bodies_pass_through_unchanged(raw_stack):
     assert rs.up.received[-1].header("Accept-Encoding") == "gzip"
 
 
+def test_no_content_type_or_server_is_added_to_an_answer(raw_stack):
+    """aiohttp gives an answer without them `application/octet-stream` (a browser then no longer sniffs the
+    type) and its own Server: a relayed answer carries what the upstream sent, small or streamed, chunked,
+    read or mutation, and Date, which a proxy adds where it is missing (RFC 9110 6.6.1)."""
+    rs = raw_stack()
+    big = b"<html>" + b"x" * 200_000
+
+    def respond(ex: Exchange) -> None:
+        if ex.received.method not in ("GET", "HEAD"):
+            ex.read_body()
+        if ex.received.target == "/big":
+            ex.answer(200, big)
+        elif ex.received.target == "/chunked":
+            ex.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n<html>\r\n0\r\n\r\n")
+        elif ex.received.target == "/typed":
+            ex.answer(200, b"<p>", [("Content-Type", "text/html"), ("Server", "upstream/1.0")])
+        else:
+            ex.answer(200, b"<html>")
+    rs.up.respond = respond
+
+    for method, path, body in [("GET", "/small", b"<html>"), ("GET", "/big", big), ("GET", "/chunked", b"<html>"),
+                               ("POST", "/small", b"<html>")]:
+        resp = request(rs.port, method, path, b"" if method == "POST" else None)
+        names = {k.lower() for k, _ in resp.headers}
+        assert (resp.status, resp.body) == (200, body), path
+        assert "content-type" not in names and "server" not in names, (method, path, resp.headers)
+        assert "date" in names
+    typed = request(rs.port, "GET", "/typed")
+    assert typed.all("Content-Type") == ["text/html"] and typed.all("Server") == ["upstream/1.0"]
+
+
 def test_response_hop_by_hop_headers_are_not_passed_back(raw_stack):
     rs = raw_stack()
 

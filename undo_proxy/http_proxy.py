@@ -67,6 +67,30 @@ class _Server(web.Server):
         return _Handler(self, loop=self._loop, **self._kwargs)
 
 
+class _AsUpstreamSent:
+    """A relayed answer carries the Content-Type and Server the upstream sent, or none: aiohttp would add
+    `application/octet-stream` (which stops a browser from sniffing the type) and its own Server. Date it may
+    add (RFC 9110 6.6.1: a proxy forwarding an answer without one adds it)."""
+    headers: Any
+
+    async def _prepare_headers(self) -> None:
+        missing = [name for name in _NOT_ADDED if name not in self.headers]
+        await super()._prepare_headers()  # type: ignore[misc]
+        for name in missing:
+            self.headers.popall(name, None)
+
+
+_NOT_ADDED = ("Content-Type", "Server")
+
+
+class _Relayed(_AsUpstreamSent, web.StreamResponse):
+    pass
+
+
+class _RelayedWhole(_AsUpstreamSent, web.Response):
+    pass
+
+
 def _peer(request: web.BaseRequest) -> str:
     try:
         return request.remote or ""
@@ -302,7 +326,7 @@ class HttpFrontendServer:
         return resp
 
     def _response_head(self, status: int, reason: str, headers: list[tuple[str, str]],
-                       method: str, kind: type[web.StreamResponse] = web.StreamResponse) -> web.StreamResponse:
+                       method: str, kind: type[web.StreamResponse] = _Relayed) -> web.StreamResponse:
         resp = kind(status=status, reason=reason or None)
         add = resp.headers.add
         for k, v in strip_hop_by_hop(headers, _HEAD_FRAMING if method == "HEAD" else _RESPONSE_FRAMING):
@@ -352,7 +376,7 @@ class HttpFrontendServer:
                         writer.write(body)
                         kept.append(body)
                         await record(status, reason, headers)
-                        whole = self._response_head(status, reason, headers, request.method, web.Response)
+                        whole = self._response_head(status, reason, headers, request.method, _RelayedWhole)
                         whole.body = body
                         return whole
                     resp = self._response_head(status, reason, headers, request.method)
