@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ class Stack:
     dav: WsgiDav
     proc: subprocess.Popen | None = None
     log: Path = field(default=Path("/dev/null"))
+    open_files: tuple[int, int] | None = None  # (soft, hard) RLIMIT_NOFILE the daemon is started with
 
     @property
     def url(self) -> str:
@@ -69,8 +71,11 @@ class Stack:
     def start(self) -> None:
         self.cli("db", "upgrade")
         logf = open(self.log, "ab")
+        limits = self.open_files
         self.proc = subprocess.Popen([UNDO_PROXY, "serve", "-c", str(self.config)], stdout=logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits))
+                                     if limits else None)
         wait_port(self.http_port, proc=self.proc)
         wait_port(self.admin_port, proc=self.proc)
 

@@ -777,6 +777,31 @@ def test_the_request_head_sent_upstream() -> None:
 # --------------------------------------------------------------------------- the client goes away
 
 
+def test_a_low_open_files_limit_does_not_cap_the_clients(proxy_stack):
+    """Started with a soft limit of 256 open files (hard 4,096), the daemon raises it to the hard limit:
+    600 idle client connections later, a new client is still served and recorded."""
+    stack = proxy_stack()
+    stack.stop()
+    stack.open_files = (256, 4096)
+    stack.start()
+    limits = Path(f"/proc/{stack.proc.pid}/limits").read_text()
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    assert "soft limit raised from 256 to 4096" in stack.log_text()
+    idle = []
+    try:
+        for _ in range(600):
+            idle.append(socket.create_connection(("127.0.0.1", stack.http_port)))
+        conn = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=10)
+        conn.request("PUT", "/after-600.txt", body=b"still served")
+        assert conn.getresponse().status == 201
+        conn.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert (stack.volume / "after-600.txt").read_bytes() == b"still served"
+    assert [v["status"] for v in stack.timeline(verb="webdav.put")] == ["committed"]
+
+
 def test_client_disconnect_mid_body_aborts_the_verb(proxy_stack):
     stack = proxy_stack()
     for i in range(5):

@@ -7,10 +7,12 @@ import fcntl
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -69,8 +71,29 @@ def lock_state_dir(cfg: Config) -> int:
     return fd
 
 
+def raise_open_files_limit() -> None:
+    """Every client connection, upstream connection and blob file is a file descriptor: the soft limit
+    (1,024 under many service managers) would turn a busy hour into refused connections and a timeline that
+    cannot open its files. It is raised to the hard limit, as nginx and Go's runtime do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel still caps it at fs.nr_open
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open files: cannot raise the soft limit of %d to %d: %s", soft, target, exc)
+        else:
+            log.info("open files: soft limit raised from %d to %d", soft, target)
+
+
 def run(cfg: Config) -> None:
     """Serve until a signal stops the daemon; on uvloop where it is installed (a third less CPU per request)."""
+    raise_open_files_limit()
     try:
         import uvloop
     except ImportError:
