@@ -48,6 +48,8 @@ def test_webdav_pack_names_and_targets():
     pack = WebdavPack()
     move = pack.parse(head("MOVE", "/a.txt", ("Destination", "http://host:8080/dir/b%20c.txt")))
     assert move.verb == "webdav.move" and move.mutates and move.targets == ["/a.txt", "/dir/b c.txt"]
+    assert move.summary == "MOVE /a.txt → /dir/b c.txt"  # where it went, as the README's example shows
+    assert pack.parse(head("MOVE", "/a.txt", ("Destination", "/a.txt"))).summary == "MOVE /a.txt"
     assert pack.parse(head("COPY", "/a", ("Destination", "/b/"))).targets == ["/a", "/b"]
     assert not pack.parse(head("PROPFIND", "/dir/")).mutates
     for method in ("PROPPATCH", "MKCOL", "LOCK", "UNLOCK", "DELETE", "PUT"):

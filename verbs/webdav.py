@@ -7,6 +7,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from typing import Any
 
+from verbs.base import Intent
 from verbs.http import HttpPack, HttpRequestHead, header
 
 DAV_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND", "REPORT", "SEARCH"})
@@ -43,6 +44,12 @@ class WebdavPack(HttpPack):
                 if second not in targets:
                     targets.append(second)
         return targets
+
+    def parse(self, head: HttpRequestHead) -> Intent:
+        intent = super().parse(head)
+        if len(intent.targets) > 1:  # COPY and MOVE say where to: "MOVE /a.txt → /dir/b.txt"
+            intent.summary = f"{intent.summary} → {intent.targets[1]}"
+        return intent
 
     def output(self, status: int, reason: str, headers: list[tuple[str, str]], body_digest: str,
                body_size: int, body_stored: bool, method: str, body: bytes | None = None) -> dict[str, Any]:
