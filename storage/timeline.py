@@ -247,10 +247,12 @@ class Timeline:
                     stmt = stmt.limit(f.limit)
                 return [verb_json(r) for r in s.scalars(stmt)]
             # Target globs match any of a verb's targets; filtered here so '*' and '?' mean what they
-            # mean in a shell, whatever the database's LIKE does.
+            # mean in a shell, whatever the database's LIKE does. Targets are logical names without a trailing
+            # slash ("MKCOL /dir/" names /dir): '/dir/' finds them as the summary's spelling suggests.
+            globs = {f.target, f.target.rstrip("/") or "/"}
             out = []
             for row in s.scalars(stmt.execution_options(yield_per=1000)):
-                if any(fnmatch.fnmatchcase(t, f.target) for t in row.targets):
+                if any(fnmatch.fnmatchcase(t, g) for t in row.targets for g in globs):
                     out.append(verb_json(row))
                     if f.limit is not None and len(out) >= f.limit:
                         break

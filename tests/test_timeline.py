@@ -277,6 +277,9 @@ def test_filter_target_glob_matches_any_target(tl: Timeline, populated: dict[str
     # "/archive/*" matches the MOVE through its second target and nothing else ('*' crosses '/').
     assert seqs_of(tl.verbs(VerbFilter(target="/archive/*"))) == [p["move"]]
     assert seqs_of(tl.verbs(VerbFilter(target="/archive*"))) == [p["move"], p["mkcol"]]
+    # A collection named with its trailing slash, as "MKCOL /archive/" spells it, is the target /archive.
+    assert seqs_of(tl.verbs(VerbFilter(target="/archive/"))) == [p["mkcol"]]
+    assert seqs_of(tl.verbs(VerbFilter(target="/"))) == []
     assert seqs_of(tl.verbs(VerbFilter(target="/docs/a.txt"))) == [p["put_a"], p["get_a"], p["move"],
                                                                     p["replay_put"]]
     assert seqs_of(tl.verbs(VerbFilter(target="/docs/?.txt"))) == [p["put_a"], p["get_a"], p["move"],
