@@ -132,6 +132,7 @@ BAD_CONFIGS: dict[str, tuple[str, str]] = {
     "missing upstream": (to_toml(config(**{"http0.upstream": DELETE})), "http[0].upstream"),
     "missing listen": (to_toml(config(**{"http0.listen": DELETE})), "http[0].listen"),
     "bad verbs pack name": (to_toml(config(**{"http0.verbs": "no such/pack"})), "http[0].verbs"),
+    "unknown built-in verbs pack": (to_toml(config(**{"http0.verbs": "nosuch"})), "http[0].verbs"),
     "timeline url is not a database URL": (to_toml({**config(), "timeline": {"url": "mysql://x/y"}}), "timeline.url"),
     "token too short": (to_toml(config(**{"admin.token": "short"})), "admin.token"),
     "token and token_file": (to_toml(config(**{"admin.token_file": "tok"})), "admin.token_file"),
@@ -148,7 +149,7 @@ CLI_CASES = [
     "unknown top-level key", "unknown key in a section", "unknown key in [[http]]", "keep is a string",
     "every is a number", "every is not a duration", "state dir inside the volume", "listen is nonsense",
     "listen port out of range", "listen IPv6 literal is not hex", "duplicate listen", "upstream is not http",
-    "missing upstream", "not TOML at all",
+    "missing upstream", "unknown built-in verbs pack", "not TOML at all",
 ]
 
 
@@ -204,6 +205,14 @@ def test_missing_config_file_exit_2(tmp_path: Path) -> None:
     result = run("-c", str(tmp_path / "nope.toml"), "status", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(tmp_path / "nope.toml") in result.stderr
+
+
+@pytest.mark.parametrize("args", [("timeline", "--limit", "-1"), ("timeline", "--after", "x"),
+                                  ("show", "-3"), ("compensate", "1", "-2")])
+def test_counts_and_ids_must_be_whole_numbers_exit_2(args: tuple[str, ...], tmp_path: Path) -> None:
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is negative" in result.stderr or "is not a whole number" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("text,seconds", [

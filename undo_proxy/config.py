@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from verbs.base import pack_target
+
 
 class ConfigError(Exception):
     """A configuration problem, already phrased for the operator."""
@@ -238,6 +240,7 @@ def _snapshot_backend(value: str) -> str:
 def _verbs_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", value):
         raise ValueError(f"{value!r} is not a pack name or module.path:Pack")
+    pack_target(value)
     return value
 
 

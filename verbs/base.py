@@ -113,12 +113,18 @@ BUILTIN_PACKS = {
 }
 
 
-def load_pack(spec: str) -> Any:
-    """'webdav' or 'module.path:Pack' -> a pack instance. Raises ValueError with a readable reason."""
+def pack_target(spec: str) -> str:
+    """'webdav' or 'module.path:Pack' -> 'module.path:Pack', without importing anything (every command checks
+    the config; only `serve` loads the packs). Raises ValueError with a readable reason."""
     target = BUILTIN_PACKS.get(spec, spec)
     if ":" not in target:
         raise ValueError(f"unknown verb pack {spec!r} (built in: {', '.join(sorted(BUILTIN_PACKS))})")
-    module_name, cls_name = target.split(":", 1)
+    return target
+
+
+def load_pack(spec: str) -> Any:
+    """'webdav' or 'module.path:Pack' -> a pack instance. Raises ValueError with a readable reason."""
+    module_name, cls_name = pack_target(spec).split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
