@@ -30,6 +30,17 @@ class Exit(Exception):
         self.code, self.message = code, message
 
 
+def whole_number(text: str) -> int:
+    """A count, verb number or id: 0 or more (argparse's usage error, exit 2, for anything else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 def die(code: int, message: str) -> NoReturn:
     raise Exit(code, message)
 
@@ -311,14 +322,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     command("status", "mode, open cycle, last verb, snapshot count (works with the daemon stopped)", common, js)
     s = command("timeline", "list verbs, oldest first (works with the daemon stopped)", common, js)
-    s.add_argument("--limit", type=int, metavar="N", help="at most N verbs")
-    s.add_argument("--after", type=int, metavar="SEQ", help="only verbs after SEQ")
+    s.add_argument("--limit", type=whole_number, metavar="N", help="at most N verbs")
+    s.add_argument("--after", type=whole_number, metavar="SEQ", help="only verbs after SEQ")
     s.add_argument("--protocol", metavar="P", help="http, smtp or imap")
     s.add_argument("--verb", metavar="NAME", help="e.g. webdav.put, smtp.deliver")
     s.add_argument("--target", metavar="GLOB", help="shell-style pattern matched against each target, e.g. '/docs/*'")
-    s.add_argument("--cycle", type=int, metavar="ID", help="only the verbs replayed in cycle ID")
+    s.add_argument("--cycle", type=whole_number, metavar="ID", help="only the verbs replayed in cycle ID")
     s = command("show", "one verb with its recorded request and output", common, js)
-    s.add_argument("seq", type=int)
+    s.add_argument("seq", type=whole_number)
     s = command("snapshot", "take, list or delete snapshots", common)
     snap = s.add_subparsers(dest="action", required=True, metavar="{take,list,delete}")
     t = snap.add_parser("take", parents=[common, js], help="snapshot now, at a verb boundary",
@@ -340,10 +351,10 @@ def parser() -> argparse.ArgumentParser:
     command("cancel", "abandon the cycle: the pre-rewind state comes back exactly; live traffic resumes",
             common, js)
     s = command("inconsistencies", "what clients saw that the replayed history contradicts", common, js)
-    s.add_argument("--cycle", type=int, metavar="ID", help="only those of cycle ID")
+    s.add_argument("--cycle", type=whole_number, metavar="ID", help="only those of cycle ID")
     s = command("compensate", "run the compensation of inconsistencies (webhook, mail, or acknowledgement)",
                 common, js)
-    s.add_argument("ids", nargs="*", type=int, metavar="ID", help="inconsistency ids")
+    s.add_argument("ids", nargs="*", type=whole_number, metavar="ID", help="inconsistency ids")
     s.add_argument("--all", action="store_true", help="every pending one of cycles in review or committed")
     s = command("demo", "the self-contained showcase: a whole undo cycle on real backends, verified")
     s.add_argument("--workdir", metavar="DIR", help="an empty or new directory (default: a temporary one)")
