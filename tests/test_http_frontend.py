@@ -589,6 +589,12 @@ def test_no_content_type_or_server_is_added_to_an_answer(raw_stack):
         assert "date" in names
     typed = request(rs.port, "GET", "/typed")
     assert typed.all("Content-Type") == ["text/html"] and typed.all("Server") == ["upstream/1.0"]
+    # The proxy's own answers do not name its software either.
+    malformed = exchange(rs.port, MALFORMED[2])
+    too_big = request(rs.port, "GET", "/", headers={"X-Big": "a" * 70_000})
+    for own in (malformed, too_big):
+        assert own.status in (400, 431) and own.header("Server") is None, own.headers
+        assert (own.header("Content-Type") or "").startswith("text/plain")
 
 
 def test_response_hop_by_hop_headers_are_not_passed_back(raw_stack):

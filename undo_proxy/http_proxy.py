@@ -51,12 +51,12 @@ class _Handler(web_protocol.RequestHandler):
         if isinstance(exc, BadHttpMessage):
             metrics.FRONTEND_ERRORS.labels("http", "malformed").inc()
             log.info("refused a malformed request from %s: %s", _peer(request), str(exc)[:200])
-            resp = web.Response(status=status, text=f"{status} {message or 'Bad Request'}\n")
+            resp = _Whole(status=status, text=f"{status} {message or 'Bad Request'}\n")
             resp.force_close()
             return resp
         if isinstance(exc, ConnectionError):  # the client went away before its answer: nothing to tell it
             log.info("client %s went away before its response was sent", _peer(request))
-            resp = web.Response(status=status)
+            resp = _Whole(status=status)
             resp.force_close()
             return resp
         return super().handle_error(request, status, exc, message)
@@ -67,10 +67,11 @@ class _Server(web.Server):
         return _Handler(self, loop=self._loop, **self._kwargs)
 
 
-class _AsUpstreamSent:
-    """A relayed answer carries the Content-Type and Server the upstream sent, or none: aiohttp would add
-    `application/octet-stream` (which stops a browser from sniffing the type) and its own Server. Date it may
-    add (RFC 9110 6.6.1: a proxy forwarding an answer without one adds it)."""
+class _NoDefaultHeaders:
+    """An answer carries the Content-Type and Server it was given, or none: aiohttp would add
+    `application/octet-stream` (which stops a browser from sniffing the type of a relayed answer) and its own
+    Server (the proxy's software and version, to anyone). Date it may add (RFC 9110 6.6.1: a proxy forwarding
+    an answer without one adds it)."""
     headers: Any
 
     async def _prepare_headers(self) -> None:
@@ -83,11 +84,11 @@ class _AsUpstreamSent:
 _NOT_ADDED = ("Content-Type", "Server")
 
 
-class _Relayed(_AsUpstreamSent, web.StreamResponse):
+class _Streamed(_NoDefaultHeaders, web.StreamResponse):
     pass
 
 
-class _RelayedWhole(_AsUpstreamSent, web.Response):
+class _Whole(_NoDefaultHeaders, web.Response):
     pass
 
 
@@ -326,7 +327,7 @@ class HttpFrontendServer:
         return resp
 
     def _response_head(self, status: int, reason: str, headers: list[tuple[str, str]],
-                       method: str, kind: type[web.StreamResponse] = _Relayed) -> web.StreamResponse:
+                       method: str, kind: type[web.StreamResponse] = _Streamed) -> web.StreamResponse:
         resp = kind(status=status, reason=reason or None)
         add = resp.headers.add
         for k, v in strip_hop_by_hop(headers, _HEAD_FRAMING if method == "HEAD" else _RESPONSE_FRAMING):
@@ -376,7 +377,7 @@ class HttpFrontendServer:
                         writer.write(body)
                         kept.append(body)
                         await record(status, reason, headers)
-                        whole = self._response_head(status, reason, headers, request.method, _RelayedWhole)
+                        whole = self._response_head(status, reason, headers, request.method, _Whole)
                         whole.body = body
                         return whole
                     resp = self._response_head(status, reason, headers, request.method)
@@ -465,7 +466,7 @@ def _origin_form(target: str) -> str | None:
 
 
 def _plain(status: int, text: str, headers: dict[str, str] | None = None, close: bool = False) -> web.Response:
-    resp = web.Response(status=status, text=text, headers=headers)
+    resp = _Whole(status=status, text=text, headers=headers)
     if close:
         resp.force_close()
     return resp
