@@ -250,6 +250,14 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
     acked = stack.cli_json("compensate", "--all")
     assert sorted(i["id"] for i in acked) == sorted(i["id"] for i in items)
     assert {i["compensation"] for i in api_ok(stack, "GET", f"/api/inconsistencies?cycle={cid}")} == {"acknowledged"}
+    # The daemon's log tells the whole cycle, for whoever reads it afterwards.
+    logged = stack.log_text()
+    for line in (f"cycle {cid}: rewound to snapshot {snap['id']}", f"cycle {cid}: repair noted: bad delete",
+                 f"cycle {cid}: replaying {len(after_snapshot) - 2} verbs, skipping {min(bad_delete, bad_put)}",
+                 f"cycle {cid}: replayed {len(after_snapshot) - 2} verbs, 3 inconsistencies; in review",
+                 f"cycle {cid} committed", f"inconsistency {items[0]['id']} (cycle {cid}, verb {items[0]['seq']}): "
+                 f"compensation acknowledged"):
+        assert line in logged, line
 
 
 # --------------------------------------------------------------------------- @SEQ, ISO time, cancel
@@ -338,6 +346,7 @@ def test_snapshot_cli_and_retention_never_touch_the_open_cycle(btrfs_stack):
     stack.cli("snapshot", "delete", taken[3]["id"])
     assert [s["id"] for s in stack.cli_json("snapshot", "list")] == [taken[2]["id"], taken[4]["id"]]
     assert not (stack.store / taken[3]["id"]).exists()
+    assert f"deleted snapshot {taken[3]['id']}" in stack.log_text()
     assert stack.api("DELETE", f"/api/snapshots/{taken[3]['id']}")[0] == 404
     assert stack.cli("snapshot", "delete", "../vol", check=False).returncode == 2
     assert stack.volume.is_dir()

@@ -213,6 +213,7 @@ class UndoManager:
                 metrics.SNAPSHOT_FAILURES.labels("delete").inc()
                 raise OperationError(500, str(exc)) from None
             await self.db(lambda: self.timeline.set_snapshot(sid, deleted=True))
+            log.info("deleted snapshot %s", sid)
 
     async def _prune(self) -> None:
         """Keep the newest `keep` snapshots; never one an open cycle needs; one failure stops nothing."""
@@ -396,6 +397,7 @@ class UndoManager:
             raise OperationError(400, "the repair note is empty")
         cycle = await self._open_cycle()
         await self.db(self.timeline.add_note, cycle["id"], note)
+        log.info("cycle %d: repair noted: %s", cycle["id"], note.strip()[:500])
         return await self.cycle_or_404(cycle["id"])
 
     async def replay(self, skip: list[int]) -> dict[str, Any]:
@@ -416,6 +418,9 @@ class UndoManager:
             await self.db(lambda: self.timeline.update_cycle(
                 cid, state="replaying", skipped=skipped, to_replay=len(verbs) - len(skipped), replayed=len(done)))
             self.gate.mode = "replaying"
+            log.info("cycle %d: replaying %d verbs%s%s", cid, len(todo),
+                     f", skipping {', '.join(map(str, skipped))}" if skipped else "",
+                     f" ({len(done)} replayed before)" if done else "")
             self._replay_task = asyncio.create_task(self._replay_then_review(cid, todo, len(done)))
         await asyncio.shield(self._replay_task)
         return await self.cycle_or_404(cid)
@@ -436,6 +441,9 @@ class UndoManager:
         await self.db(lambda: self.timeline.update_cycle(cid, state="review", error=None))
         self.gate.mode = "review"
         metrics.REPLAY_PROGRESS.set(1)
+        cycle = await self.cycle_or_404(cid)
+        log.info("cycle %d: replayed %d verbs, %d inconsistencies; in review (commit or cancel)", cid,
+                 cycle["replayed"], cycle["inconsistencies"])
 
     async def _replay_verbs(self, cid: int, verbs: list[VerbRow], check: bool, already: int = 0) -> None:
         """Re-execute verbs in recorded order; verbs whose targets are disjoint run concurrently."""
@@ -595,6 +603,8 @@ class UndoManager:
                 state, detail = result.state, result.detail
             metrics.COMPENSATIONS.labels(state).inc()
             await self.db(self.timeline.set_compensation, item["id"], state, detail)
+            log.info("inconsistency %d (cycle %d, verb %d): compensation %s: %s", item["id"], item["cycle"],
+                     item["seq"], state, detail)
             out.append(dict(item, compensation=state, compensation_detail=detail))
         return out
 
