@@ -89,4 +89,4 @@ def test_a_snapshot_is_deleted_by_its_id_or_by_a_label_only_it_carries(proxy_sta
     assert stack.cli_json("snapshot", "list") == []
     assert not (stack.store / second["id"]).exists()
     unknown = stack.cli("snapshot", "delete", "no such label", check=False)
-    assert unknown.returncode == 2 and "neither a snapshot id nor" in unknown.stderr
+    assert unknown.returncode == 1 and "no snapshot has the id or label 'no such label'" in unknown.stderr

@@ -50,13 +50,14 @@ def recorded(row: VerbRow) -> RecordedVerb:
                         summary=row.summary, request=row.request, output=row.output, time=iso(row.time))
 
 
-def parse_time(text: str) -> datetime:
+def parse_time(text: str) -> datetime | None:
+    """An ISO-8601 time (UTC unless it says otherwise), or None."""
+    if any(ord(c) < 32 for c in text):  # fromisoformat would stop at a NUL and accept what came before
+        return None
     try:
-        if any(ord(c) < 32 for c in text):  # fromisoformat would stop at a NUL and accept what came before
-            raise ValueError(text)
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise OperationError(400, f"{text!r} is not a snapshot id or label, @SEQ or an ISO-8601 time") from None
+        return None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -203,7 +204,7 @@ class UndoManager:
         async with self._op_lock:
             snap = await self._snapshot_named(name)   # exactly as given: no id with a stray newline deletes one
             if snap is None:
-                raise OperationError(400, f"{name!r} is neither a snapshot id nor a snapshot's label")
+                raise OperationError(404, f"no snapshot has the id or label {name!r}")
             sid = snap["id"]
             if sid in self._protected(await self.db(self.timeline.open_cycle)):
                 raise OperationError(409, f"snapshot {sid} belongs to the open undo cycle")
@@ -286,11 +287,15 @@ class UndoManager:
                 raise OperationError(400, f"{to!r}: @SEQ needs a verb number, e.g. @42")
             seq = int(to[1:])
         else:
-            seq = await self.db(self.timeline.last_seq_at, parse_time(to))
+            when = parse_time(to)
+            if when is None:  # a name that exists nowhere: the operation fails (exit 1), as `show 999` does
+                raise OperationError(404, f"no snapshot has the id or label {to!r}, and it is not @SEQ or an "
+                                          f"ISO-8601 time")
+            seq = await self.db(self.timeline.last_seq_at, when)
             where = to
         last = await self.db(self.timeline.last_seq)
         if seq > last:
-            raise OperationError(400, f"verb {seq} does not exist yet (the last is {last})")
+            raise OperationError(404, f"verb {seq} does not exist yet (the last is {last})")
         snap = await self.db(self.timeline.rewind_base, seq)
         if snap is None:
             raise OperationError(409, f"no snapshot was taken at or before {where}")
