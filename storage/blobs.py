@@ -210,6 +210,7 @@ class BlobWriter:
 
     def discard(self) -> None:
         self._mem = None
+        self._comp = None   # the compressor's window and buffers
         if self._file is not None:
             try:
                 self._file.close()

@@ -23,7 +23,8 @@ from undo_proxy import metrics
 from undo_proxy.config import HttpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.http_upstream import (READ_BODY_STORE_LIMIT, BufferedResponse, HttpUpstream, UpstreamError,
-                                      classify, decoded_headers, read_whole, strip_hop_by_hop, utf8_headers)
+                                      classify, decoded_headers, forget_frames, read_whole, strip_hop_by_hop,
+                                      utf8_headers)
 from verbs.base import Intent
 from verbs.http import HttpRequestHead
 
@@ -215,7 +216,13 @@ class HttpFrontendServer:
             return _plain(408, "408 Request Timeout\n", close=True)
         except (ConnectionError, asyncio.CancelledError, Exception) as exc:  # client gone mid-body
             await self._record_aborted(intent, f"client went away while sending the body ({exc.__class__.__name__})")
-            raise web.HTTPBadRequest() if not isinstance(exc, asyncio.CancelledError) else exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # Answered rather than raised: a raised HTTPException stays in a local of a frame its own
+            # traceback holds, a reference cycle (as is the one forget_frames cuts) that kept the body's
+            # buffers until the garbage collector came by.
+            forget_frames(exc)
+            return _plain(400, "400 Bad Request: the body was cut off\n", close=True)
         seq = await self._commit_intent(intent)
         if seq is None:
             return _unrecordable()
@@ -248,8 +255,10 @@ class HttpFrontendServer:
                 buffered = await read_whole(resp, self.blobs)
         except Exception as exc:  # noqa: BLE001
             if state.get("unrecordable"):
+                forget_frames(exc)
                 return _unrecordable()
             err = classify(exc) if not isinstance(exc, _TooLarge) else UpstreamError(413, "too large")
+            forget_frames(exc)
             if state["seq"] is None:
                 await self._record_aborted(intent, err.reason)
                 return _plain(err.status, f"{err.status} {err.reason}\n", close=True)
@@ -282,7 +291,9 @@ class HttpFrontendServer:
             async with self.upstream.open(intent.request, data) as resp:
                 buffered = await read_whole(resp, self.blobs)
         except Exception as exc:  # noqa: BLE001
-            return await self._finish_failed(intent, seq, classify(exc))
+            err = classify(exc)
+            forget_frames(exc)
+            return await self._finish_failed(intent, seq, err)
         return await self._complete(request, intent, seq, buffered)
 
     def _output(self, buffered: BufferedResponse, intent: Intent) -> dict[str, Any]:
@@ -400,6 +411,7 @@ class HttpFrontendServer:
                         await record(status, reason, headers)
                     await resp.write_eof()
                 except (ConnectionError, RuntimeError) as exc:
+                    forget_frames(exc)
                     if not recorded:
                         writer.discard()
                         await self._record_aborted(intent, f"client went away ({exc.__class__.__name__})", seq)
@@ -409,6 +421,7 @@ class HttpFrontendServer:
         except Exception as exc:  # noqa: BLE001
             writer.discard()
             err = classify(exc)
+            forget_frames(exc)
             metrics.VERBS.labels("http", "failed").inc()
             verb = self._new_verb(intent, status="failed", output={"error": err.reason, "status": err.status})
             verb.summary = self.pack.summary(intent.summary, None, f"{err.status} ({err.reason})")

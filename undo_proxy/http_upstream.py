@@ -171,9 +171,11 @@ class HttpUpstream:
             async with self.open(request, data) as resp:
                 buffered = await read_whole(resp, blobs)
         except UpstreamError as exc:
+            forget_frames(exc)
             return ExchangeResult(None, exc.reason, extra={"status": exc.status})
         except Exception as exc:  # noqa: BLE001 - every upstream failure becomes 502/504
             err = classify(exc)
+            forget_frames(exc)
             return ExchangeResult(None, err.reason, extra={"status": err.status})
         buffered.output = pack.output(buffered.status, buffered.reason, buffered.headers, buffered.digest,
                                       buffered.size, True, request["method"], body=buffered.body)
@@ -333,6 +335,21 @@ async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> Buffered
     return BufferedResponse(resp.status, resp.reason or "", decoded_headers(resp.raw_headers), ref.digest,
                             ref.size, b"".join(kept) if in_memory else None,
                             None if in_memory else ref.digest)
+
+
+def forget_frames(exc: BaseException | None) -> None:
+    """Drop the tracebacks of a handled error and of the errors it came from. aiohttp's streams keep the
+    error they raised, and its traceback keeps the frames that read them, the bodies in their locals: a
+    reference cycle that only the garbage collector frees, and the daemon runs it rarely (a client that
+    breaks uploads off, or an upstream that breaks answers off, would pile up their buffers)."""
+    pending, seen = [exc], set()
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        err.__traceback__ = None
+        pending += [err.__cause__, err.__context__]
 
 
 def classify(exc: BaseException) -> UpstreamError:
