@@ -525,14 +525,18 @@ class GroupCommitter:
                 await self._awaited.wait()
                 timer.cancel()
                 self._take_queued(batch)
+            # Writes kept from an outage go first, in the same transaction: they happened before this batch's
+            # (a client's answered read before its next request's intent), and the timeline's order is theirs.
+            kept, self._failed = list(self._failed), deque()
             t0 = loop.time()
-            results = await loop.run_in_executor(self._thread, self._commit, [op for op, _ in batch])
+            results = await loop.run_in_executor(self._thread, self._commit, kept + [op for op, _ in batch])
             self.batches += 1
             self.ops += len(batch)
-            self.healthy = all(ok for ok, _ in results)
+            self.healthy = any(ok for ok, _ in results)
             if self.on_commit:
-                self.on_commit(len(batch), loop.time() - t0, self.healthy)
-            for (op, fut), (ok, value) in zip(batch, results):
+                self.on_commit(len(kept) + len(batch), loop.time() - t0, self.healthy)
+            self._settle_kept(kept, results[:len(kept)])
+            for (op, fut), (ok, value) in zip(batch, results[len(kept):]):
                 if fut is None:
                     if not ok:
                         self._keep_failed(op, value)
@@ -541,9 +545,6 @@ class GroupCommitter:
                         fut.set_result(value)
                     else:
                         fut.set_exception(value)
-
-            if self.healthy and self._failed:
-                await self._write_failed(loop)
 
     def _keep_failed(self, op: Callable[[Session], Any], error: BaseException) -> None:
         if len(self._failed) >= self.max_failed_kept:
@@ -557,15 +558,20 @@ class GroupCommitter:
             op.verb.time = utcnow()   # about when it happened, not when it is written at last
         self._failed.append(op)
 
-    async def _write_failed(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The timeline works again: the writes kept from the outage, one transaction (one by one if that
-        fails: one bad write must not hold the others back for ever)."""
-        ops, self._failed = list(self._failed), deque()
-        results = await loop.run_in_executor(self._thread, self._commit, ops)
+    def _settle_kept(self, kept: list[Callable[[Session], Any]], results: list[tuple[bool, Any]]) -> None:
+        """After a commit that carried the writes kept from an outage: while nothing could be written they are
+        kept again (before any failed now: the order stays theirs); once the timeline works, those written
+        are done, and one that still fails on its own is given up (one bad write must not hold the others
+        back for ever)."""
+        if not kept:
+            return
+        if not self.healthy:
+            self._failed.extend(kept)
+            return
         lost = [value for ok, value in results if not ok]
         self.unawaited_failures += len(lost)
         log.warning("wrote %d batched timeline writes kept from when the timeline could not be written%s",
-                    len(ops) - len(lost), f"; {len(lost)} failed again and are given up ({lost[0]})" if lost else "")
+                    len(kept) - len(lost), f"; {len(lost)} failed again and are given up ({lost[0]})" if lost else "")
 
     def _take_queued(self, batch: list[tuple[Callable[[Session], Any], asyncio.Future | None]]) -> None:
         while len(batch) < self.max_batch:
@@ -592,7 +598,11 @@ class GroupCommitter:
                     Timeline.insert_verbs(s, records)
                     results += [(True, None)] * len(records)
                 return results
-        except Exception as exc:  # noqa: BLE001 - fall back to one transaction per operation
+        except OperationalError as exc:
+            # The database cannot be written now (locked, full, read-only, gone): so it is for every op, and
+            # trying them one by one would only wait out the lock timeout once per op.
+            return [(False, _unavailable(exc))] * len(ops)
+        except Exception as exc:  # noqa: BLE001 - one bad write: fall back to one transaction per operation
             if len(ops) == 1:
                 return [(False, _unavailable(exc))]
             log.warning("group commit of %d writes failed (%s); retrying one by one", len(ops), _short(exc))

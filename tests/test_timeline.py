@@ -568,6 +568,49 @@ def _make_unwritable(url: str, path_or_db: str, on: bool) -> None:
                        f"WHERE datname = '{path_or_db}' AND pid <> pg_backend_pid()")
 
 
+async def test_records_kept_through_an_outage_keep_their_place(tl: Timeline, db_url: str) -> None:
+    """A read answered while the timeline could not be written is kept; the client's next request (a write
+    that waits for its intent) comes after it on the timeline, not before."""
+    target = make_url(db_url).database
+    committer = GroupCommitter(tl)
+    committer.start()
+    try:
+        await committer.write(lambda s: Timeline.insert_verb(s, new_verb(targets=["/start"])))
+        _make_unwritable(db_url, target, True)
+        try:
+            committer.record_nowait(new_verb("http.get", ["/o1"], status="committed", output={"status": 200}))
+            futures = [committer.submit(lambda s, i=i: Timeline.insert_verb(s, new_verb(targets=[f"/down{i}"])))
+                       for i in range(20)]
+            assert all(isinstance(o, TimelineUnavailable)
+                       for o in await asyncio.gather(*futures, return_exceptions=True))
+            assert committer.healthy is False and len(tl.verbs(VerbFilter())) == 1
+        finally:
+            _make_unwritable(db_url, target, False)
+        put = await committer.write(lambda s: Timeline.insert_verb(s, new_verb("http.put", ["/o2"])))
+        assert committer.healthy is True
+    finally:
+        await committer.stop()
+    got = [(v["seq"], v["targets"][0]) for v in tl.verbs(VerbFilter())]
+    assert [t for _, t in got] == ["/start", "/o1", "/o2"] and got[2][0] == put
+    assert committer.unawaited_failures == 0
+
+
+def test_a_database_that_cannot_be_written_fails_a_batch_at_once(tl: Timeline) -> None:
+    """Locked, full or read-only, the database refuses every op of a batch alike: they fail together, not
+    one by one (with SQLite's 30 s lock timeout, a batch of 20 would have waited 10 minutes)."""
+    from sqlalchemy.exc import OperationalError
+    calls: list[int] = []
+
+    def op(i: int):  # noqa: ANN202
+        def run(s) -> None:  # noqa: ANN001
+            calls.append(i)
+            raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+        return run
+    results = GroupCommitter(tl)._commit([op(i) for i in range(20)])
+    assert calls == [0] and len(results) == 20
+    assert all(not ok and isinstance(err, TimelineUnavailable) for ok, err in results)
+
+
 async def test_group_committer_fails_closed_and_recovers(tl: Timeline, db_url: str) -> None:
     target = make_url(db_url).database
     committer = GroupCommitter(tl)
