@@ -846,6 +846,41 @@ def test_a_low_open_files_limit_does_not_cap_the_clients(proxy_stack):
     assert [v["status"] for v in stack.timeline(verb="webdav.put")] == ["committed"]
 
 
+def test_running_out_of_file_descriptors_refuses_cleanly_and_leaves_no_verb_pending(proxy_stack):
+    """At its open-files limit (here 160, soft = hard) the daemon cannot open a stored body, a blob or a
+    connection: idle clients are added one by one across that edge, and after each a PUT is tried. A PUT is
+    either refused (503 or a closed connection) or done; none gets a 500, and no verb stays pending."""
+    stack = proxy_stack()
+    stack.stop()
+    stack.open_files = (160, 160)
+    stack.start()
+    idle, answers = [], []
+    try:
+        for i in range(170):
+            with contextlib.suppress(OSError):
+                idle.append(socket.create_connection(("127.0.0.1", stack.http_port), timeout=5))
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=10)
+                conn.request("PUT", f"/edge-{i}.txt", body=b"x" * 5000)
+                answers.append(conn.getresponse().status)
+                conn.close()
+            except OSError:
+                answers.append(None)   # refused or closed before an answer: nothing was forwarded
+    finally:
+        for sock in idle:
+            sock.close()
+    assert 500 not in answers, answers
+    assert set(answers) - {201, 503, None} == set(), answers
+    assert None in answers or 503 in answers, "the limit was never reached"
+    time.sleep(1)
+    conn = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=10)
+    conn.request("PUT", "/after-the-edge.txt", body=b"fine")
+    assert conn.getresponse().status == 201
+    conn.close()
+    recorded = stack.timeline()
+    assert not [v for v in recorded if v["status"] == "pending"], [v for v in recorded if v["status"] == "pending"]
+
+
 def test_client_disconnect_mid_body_aborts_the_verb(proxy_stack):
     stack = proxy_stack()
     for i in range(5):

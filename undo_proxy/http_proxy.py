@@ -227,7 +227,13 @@ class HttpFrontendServer:
         if seq is None:
             return _unrecordable()
         body = intent.request["body"]
-        data = self.blobs.read(body["digest"]) if body["size"] <= (4 << 20) else _blob_stream(self.blobs, body["digest"])
+        try:
+            data = self.blobs.read(body["digest"]) if body["size"] <= (4 << 20) else \
+                _blob_stream(self.blobs, body["digest"])
+        except OSError as exc:  # out of file descriptors, say: nothing was forwarded, and the verb says so
+            log.error("%s: the stored body cannot be read back: %s", intent.summary, exc)
+            return await self._finish_failed(intent, seq, UpstreamError(503, f"the stored body cannot be read: "
+                                                                             f"{exc.strerror or exc}"))
         return await self._forward_buffered(request, intent, seq, data)
 
     async def _mutating_expect(self, request: web.BaseRequest, intent: Intent) -> web.StreamResponse:
