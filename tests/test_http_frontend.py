@@ -818,6 +818,43 @@ def test_the_request_head_sent_upstream() -> None:
     assert err.value.status == 400
 
 
+async def test_a_request_waits_for_a_busy_upstreams_connection_no_longer_than_the_timeout(tmp_path) -> None:
+    """All of the pool's connections busy with slow answers: the next request gets 503 after the upstream
+    timeout instead of queueing for as long as the slow ones take."""
+    import asyncio
+    from storage.blobs import BlobStore
+    from undo_proxy.http_upstream import HttpUpstream
+    from verbs.http import HttpPack
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+        for _ in range(8):   # a byte every 0.25 s: slow, but never silent for the 0.5 s timeout
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.25)
+        writer.close()
+    server = await asyncio.start_server(slow, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    up = HttpUpstream(f"http://{HOST}:{port}", timeout=0.5, connections=2)
+    await up.start()
+    request = {"method": "GET", "path": "/", "headers": [["Host", "h"]], "client": "127.0.0.1"}
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        busy = [asyncio.create_task(up.exchange(request, None, blobs, HttpPack())) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        third = await up.exchange(request, None, blobs, HttpPack())
+        waited = time.monotonic() - t0
+        assert third.extra.get("status") == 503 and "all 2 connections in use" in third.error, third
+        assert 0.4 < waited < 1.5, waited
+        for task in busy:   # the slow ones get their answers whole
+            assert (await task).response.body == b"x" * 8
+    finally:
+        await up.close()
+        server.close()
+
+
 # --------------------------------------------------------------------------- the client goes away
 
 

@@ -132,6 +132,7 @@ class HttpUpstream:
         self.keepalive = 30.0
         self.session: aiohttp.ClientSession | None = None
         self._idle: list[tuple[float, ResponseHandler]] = []
+        self.connections = connections
         self._slots = asyncio.Semaphore(connections)
 
     async def start(self) -> None:
@@ -259,7 +260,12 @@ class _PooledExchange:
         self.response: _PooledResponse | None = None
 
     async def __aenter__(self) -> _PooledResponse:
-        await self.upstream._slots.acquire()
+        try:
+            async with asyncio.timeout(self.upstream.timeout):
+                await self.upstream._slots.acquire()
+        except TimeoutError:  # the upstream is saturated: a request does not wait for a slot for ever
+            raise UpstreamError(503, f"upstream busy: all {self.upstream.connections} connections in use for "
+                                     f"{self.upstream.timeout:g} s") from None
         try:
             proto, reused = await self.upstream._connection()
             try:
