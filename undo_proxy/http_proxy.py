@@ -23,8 +23,8 @@ from undo_proxy import metrics
 from undo_proxy.config import HttpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.http_upstream import (READ_BODY_STORE_LIMIT, BufferedResponse, HttpUpstream, UpstreamError,
-                                      classify, decoded_headers, forget_frames, read_whole, strip_hop_by_hop,
-                                      utf8_headers)
+                                      classify, decoded_headers, read_whole, strip_hop_by_hop, utf8_headers)
+from undo_proxy.tracebacks import forget_frames
 from verbs.base import Intent
 from verbs.http import HttpRequestHead
 

@@ -15,6 +15,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from storage.blobs import BlobStore
+from undo_proxy.tracebacks import forget_frames
 
 # RFC 9110 7.6.1: connection-specific header fields, never forwarded (nor those named in Connection).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -341,21 +342,6 @@ async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> Buffered
     return BufferedResponse(resp.status, resp.reason or "", decoded_headers(resp.raw_headers), ref.digest,
                             ref.size, b"".join(kept) if in_memory else None,
                             None if in_memory else ref.digest)
-
-
-def forget_frames(exc: BaseException | None) -> None:
-    """Drop the tracebacks of a handled error and of the errors it came from. aiohttp's streams keep the
-    error they raised, and its traceback keeps the frames that read them, the bodies in their locals: a
-    reference cycle that only the garbage collector frees, and the daemon runs it rarely (a client that
-    breaks uploads off, or an upstream that breaks answers off, would pile up their buffers)."""
-    pending, seen = [exc], set()
-    while pending:
-        err = pending.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        err.__traceback__ = None
-        pending += [err.__cause__, err.__context__]
 
 
 def classify(exc: BaseException) -> UpstreamError:

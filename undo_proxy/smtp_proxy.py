@@ -21,6 +21,7 @@ from undo_proxy.config import SmtpFrontend
 from undo_proxy.gate import Gate, Refused
 from undo_proxy.smtp_upstream import OutcomeUnknown, SmtpUpstream, UpstreamRefused, UpstreamSession, UpstreamUnavailable
 from undo_proxy.tls import server_context
+from undo_proxy.tracebacks import forget_frames
 from verbs.smtp import bare_line_ending, ensure_message_id, subject_of
 
 log = logging.getLogger("undo_proxy.smtp")
@@ -49,10 +50,14 @@ class UndoSMTP(SMTP):
         tx.in_data, tx.data_handled = True, False
         try:
             await super().smtp_DATA(arg)
-        except (asyncio.CancelledError, asyncio.IncompleteReadError):
-            raise  # the client went away: in_data stays set so that session_over records the attempt
-        except BaseException:
+        except (asyncio.CancelledError, asyncio.IncompleteReadError) as exc:
+            # The client went away: in_data stays set so that session_over records the attempt. The frames
+            # that read the message (its lines in their locals) are let go of: see forget_frames.
+            forget_frames(exc)
+            raise
+        except BaseException as exc:
             tx.in_data = False
+            forget_frames(exc)
             raise
         tx.in_data = False
         if not tx.data_handled and self.envelope is not None and self.envelope.mail_from is None:
