@@ -261,12 +261,16 @@ class _PooledExchange:
         self.response: _PooledResponse | None = None
 
     async def __aenter__(self) -> _PooledResponse:
-        try:
-            async with asyncio.timeout(self.upstream.timeout):
-                await self.upstream._slots.acquire()
-        except TimeoutError:  # the upstream is saturated: a request does not wait for a slot for ever
-            raise UpstreamError(503, f"upstream busy: all {self.upstream.connections} connections in use for "
-                                     f"{self.upstream.timeout:g} s") from None
+        slots = self.upstream._slots
+        if not slots.locked():
+            await slots.acquire()   # at once: no timer to set and cancel on every request
+        else:
+            try:
+                async with asyncio.timeout(self.upstream.timeout):
+                    await slots.acquire()
+            except TimeoutError:  # the upstream is saturated: a request does not wait for a slot for ever
+                raise UpstreamError(503, f"upstream busy: all {self.upstream.connections} connections in use "
+                                         f"for {self.upstream.timeout:g} s") from None
         try:
             proto, reused = await self.upstream._connection()
             try:
