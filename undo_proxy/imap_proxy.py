@@ -36,6 +36,7 @@ from undo_proxy.imap_wire import (LINE_LIMIT, Closed, Message, TooBig, compact_s
                                   mailbox_name, parse, read_message, reply_tag, search_numbers, select_uids,
                                   sequence_number, text)
 from undo_proxy.tls import server_context
+from undo_proxy.tracebacks import forget_frames
 from verbs.imap import HEADER_ITEM, content_digest, describe, header_of, name_refs, status_output
 
 log = logging.getLogger("undo_proxy.imap")
@@ -244,9 +245,10 @@ class ImapSession:
                     continue
                 if not await self.handle(msg):
                     return
-        except (Closed, ConnectionError):
-            pass
+        except (Closed, ConnectionError) as exc:
+            forget_frames(exc)   # the client went away, maybe in the middle of a literal: see forget_frames
         except UpstreamUnavailable as exc:
+            forget_frames(exc)
             metrics.FRONTEND_ERRORS.labels("imap", "upstream").inc()
             log.warning("imap %s: session of %s ended: %s", self.fe.cfg.name, self.user or self.peer, exc)
             try:
