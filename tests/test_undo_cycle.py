@@ -252,7 +252,7 @@ def test_undo_cycle_skips_the_bad_verbs_and_flags_exactly_the_reads_that_saw_the
     assert {i["compensation"] for i in api_ok(stack, "GET", f"/api/inconsistencies?cycle={cid}")} == {"acknowledged"}
     # The daemon's log tells the whole cycle, for whoever reads it afterwards.
     logged = stack.log_text()
-    for line in (f"cycle {cid}: rewound to snapshot {snap['id']}", f"cycle {cid}: repair noted: bad delete",
+    for line in (f"cycle {cid}: rewound to snapshot {snap['id']}", f"cycle {cid}: repair noted: 'bad delete",
                  f"cycle {cid}: replaying {len(after_snapshot) - 2} verbs, skipping {min(bad_delete, bad_put)}",
                  f"cycle {cid}: replayed {len(after_snapshot) - 2} verbs, 3 inconsistencies; in review",
                  f"cycle {cid} committed", f"inconsistency {items[0]['id']} (cycle {cid}, verb {items[0]['seq']}): "

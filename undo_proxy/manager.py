@@ -402,7 +402,7 @@ class UndoManager:
             raise OperationError(400, "the repair note is empty")
         cycle = await self._open_cycle()
         await self.db(self.timeline.add_note, cycle["id"], note)
-        log.info("cycle %d: repair noted: %s", cycle["id"], note.strip()[:500])
+        log.info("cycle %d: repair noted: %r", cycle["id"], note.strip()[:500])
         return await self.cycle_or_404(cycle["id"])
 
     async def replay(self, skip: list[int]) -> dict[str, Any]:
