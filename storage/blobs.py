@@ -121,6 +121,28 @@ class BlobWriter:
         self._comp: Any = None
         self._tmp: Path | None = None
         self._file: BinaryIO | None = None
+        self.failure: OSError | None = None  # the store failed (write_if_possible): hashed, not stored
+
+    def write_if_possible(self, data: bytes) -> None:
+        """write(), but for a body that goes on whether or not it can be kept (an answer): a store that fails
+        (disk full, out of file descriptors) only stops the storing; the digest stays the whole body's."""
+        try:
+            self.write(data)
+        except OSError as exc:   # write() hashed the data before the store failed
+            self.stop_storing(exc)
+
+    def finish_if_possible(self) -> BlobRef:
+        """finish(), or the digest alone when the store fails (see write_if_possible)."""
+        try:
+            return self.finish()
+        except OSError as exc:
+            self.stop_storing(exc)
+            return self.finish()
+
+    def stop_storing(self, failure: OSError) -> None:
+        self.failure = failure
+        self.overflow = True
+        self.discard()
 
     def write(self, data: bytes) -> None:
         if not data:

@@ -493,6 +493,40 @@ def test_broken_off_uploads_and_answers_leave_no_memory_behind(raw_stack):
     assert statuses <= {"aborted", "failed"}, statuses   # each broken off, each recorded so
 
 
+def test_an_answer_the_blob_store_cannot_keep_still_records_what_the_service_did(raw_stack):
+    """The service acted; only keeping its answer failed (the blob store's temp dir made immutable here, as
+    a full disk or no file descriptors would). The mutation is recorded committed, by its answer's digest,
+    and the client gets the answer; one too large to have been held in memory is a 502 that says the request
+    was carried out. (It used to be a 502 blaming the upstream, and the verb `failed`: replay dropped it.)"""
+    rs = raw_stack()
+    big = os.urandom(5 << 20)
+
+    def respond(ex: Exchange) -> None:
+        ex.read_body()
+        ex.answer(201, big if ex.received.target == "/keep/big" else b"created " + os.urandom(8).hex().encode())
+    rs.up.respond = respond
+    same = b"a body the blob store has already"
+    assert request(rs.port, "PUT", "/keep/first", same).status == 201
+    tmp = rs.stack.workdir / "state" / "blobs" / "tmp"
+    subprocess.run(["chattr", "+i", str(tmp)], check=True)
+    try:
+        small = request(rs.port, "PUT", "/keep/small", same)
+        large = request(rs.port, "PUT", "/keep/big", same)
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp)], check=True)
+    assert small.status == 201 and small.body.startswith(b"created "), small
+    assert large.status == 502 and b"carried out" in large.body, large
+    by_target = {v["targets"][0]: v for v in verbs(rs.stack, "raw", count=3)}
+    for target in ("/keep/small", "/keep/big"):
+        verb = by_target[target]
+        assert verb["status"] == "committed", verb
+        _, shown = rs.stack.api("GET", f"/api/verbs/{verb['seq']}")
+        assert shown["output"]["status"] == 201 and shown["output"]["body"]["stored"] is False, shown["output"]
+    _, big_verb = rs.stack.api("GET", f"/api/verbs/{by_target['/keep/big']['seq']}")
+    assert big_verb["output"]["body"]["digest"] == hashlib.sha256(big).hexdigest()
+    assert "could not be kept in the blob store" in rs.stack.log_text()
+
+
 # --------------------------------------------------------------------------- Expect: 100-continue
 
 

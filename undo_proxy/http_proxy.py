@@ -304,7 +304,7 @@ class HttpFrontendServer:
 
     def _output(self, buffered: BufferedResponse, intent: Intent) -> dict[str, Any]:
         return self.pack.output(buffered.status, buffered.reason, buffered.headers, buffered.digest,
-                                buffered.size, True, intent.request["method"], body=buffered.body)
+                                buffered.size, buffered.stored, intent.request["method"], body=buffered.body)
 
     async def _complete(self, request: web.BaseRequest, intent: Intent, seq: int,
                         buffered: BufferedResponse) -> web.StreamResponse:
@@ -333,6 +333,11 @@ class HttpFrontendServer:
             await resp.prepare(request)
             await resp.write_eof()
             return resp
+        if buffered.lost:
+            # The service acted and its answer is recorded by its digest, but the body is too large to have
+            # been held in memory and the blob store could not keep it: it cannot be passed on.
+            return _plain(502, "502 undo-proxy: the service's answer could not be kept to pass on; the request "
+                               "was carried out\n", close=True)
         resp.content_length = buffered.size
         await resp.prepare(request)
         if buffered.body is not None:
@@ -391,7 +396,7 @@ class HttpFrontendServer:
                     if not no_body and expected is not None and expected <= SMALL_BODY:
                         # A small answer goes out in one write, head and body together.
                         body = await up.content.readexactly(expected)
-                        writer.write(body)
+                        writer.write_if_possible(body)
                         kept.append(body)
                         await record(status, reason, headers)
                         whole = self._response_head(status, reason, headers, request.method, _Whole)
@@ -406,7 +411,7 @@ class HttpFrontendServer:
                     if not no_body:
                         sent = 0
                         async for chunk in up.content.iter_any():
-                            writer.write(chunk)
+                            writer.write_if_possible(chunk)
                             if not writer.overflow:
                                 kept.append(chunk)
                             sent += len(chunk)

@@ -17,6 +17,7 @@ from yarl import URL
 from storage.blobs import BlobStore
 from undo_proxy.tracebacks import forget_frames
 
+log = logging.getLogger("undo_proxy.http")
 # RFC 9110 7.6.1: connection-specific header fields, never forwarded (nor those named in Connection).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"})
@@ -106,6 +107,12 @@ class BufferedResponse:
     blob: str | None              # else on disk in the blob store
     output: dict[str, Any] | None = None
     error: str | None = None
+    stored: bool = True           # False: the blob store failed; the digest is known, the body maybe not
+
+    @property
+    def lost(self) -> bool:
+        """The body is neither in memory nor in the blob store: it cannot be passed on."""
+        return self.body is None and self.blob is None
 
 
 @dataclass
@@ -180,7 +187,7 @@ class HttpUpstream:
             forget_frames(exc)
             return ExchangeResult(None, err.reason, extra={"status": err.status})
         buffered.output = pack.output(buffered.status, buffered.reason, buffered.headers, buffered.digest,
-                                      buffered.size, True, request["method"], body=buffered.body)
+                                      buffered.size, buffered.stored, request["method"], body=buffered.body)
         return ExchangeResult(buffered.output, response=buffered)
 
     # --- the pool of kept-alive connections ------------------------------------------------------
@@ -329,23 +336,33 @@ async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> Buffered
         if resp.content_length is not None and resp.content_length <= SMALL_ANSWER:
             # Read in one call: most answers are this small, and replay reads tens of thousands of them.
             body = await resp.read()
-            writer.write(body)
-            ref = writer.known() or await asyncio.to_thread(writer.finish)
+            writer.write_if_possible(body)
+            ref = writer.known() or await asyncio.to_thread(writer.finish_if_possible)
             return BufferedResponse(resp.status, resp.reason or "", decoded_headers(resp.raw_headers), ref.digest,
-                                    ref.size, body, None)
+                                    ref.size, body, None, stored=_stored(writer))
         async for chunk in resp.content.iter_any():
-            writer.write(chunk)
+            writer.write_if_possible(chunk)
             if kept_size <= KEEP_IN_MEMORY:
                 kept.append(chunk)
                 kept_size += len(chunk)
-        ref = writer.known() or await asyncio.to_thread(writer.finish)
+        ref = writer.known() or await asyncio.to_thread(writer.finish_if_possible)
     except BaseException:
         writer.discard()
         raise
     in_memory = kept_size <= KEEP_IN_MEMORY
+    stored = _stored(writer)
     return BufferedResponse(resp.status, resp.reason or "", decoded_headers(resp.raw_headers), ref.digest,
                             ref.size, b"".join(kept) if in_memory else None,
-                            None if in_memory else ref.digest)
+                            None if in_memory or not stored else ref.digest, stored=stored)
+
+
+def _stored(writer: Any) -> bool:
+    """An answer's body is kept unless the blob store failed (logged: the service acted all the same)."""
+    if writer.failure is None:
+        return True
+    log.warning("an upstream answer's body could not be kept in the blob store (%s): recorded by its digest",
+                writer.failure)
+    return False
 
 
 def classify(exc: BaseException) -> UpstreamError:
@@ -363,5 +380,5 @@ def classify(exc: BaseException) -> UpstreamError:
         return UpstreamError(502, f"upstream answered garbage: {exc.message}")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return UpstreamError(502, f"upstream failed: {exc.__class__.__name__}: {exc}")
-    logging.getLogger("undo_proxy.http").error("unexpected error talking to the upstream", exc_info=exc)
+    log.error("unexpected error talking to the upstream", exc_info=exc)
     return UpstreamError(502, f"proxy error: {exc.__class__.__name__}")
