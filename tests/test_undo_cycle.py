@@ -525,6 +525,15 @@ def test_compensation_webhook_done_failed_and_retried(proxy_stack):
         assert api_ok(stack, "POST", "/api/compensate", {"all": True}) == []
         assert api_ok(stack, "POST", "/api/compensate", {"ids": [first["id"]]})[0]["compensation"] == "done"
         assert len(received) == 3
+        # ids are numbers a database can hold; true is not an id
+        for ids in ([True], [10**23], [-1], "1"):
+            status, answer_ = stack.api("POST", "/api/compensate", {"ids": ids})
+            assert status == 400 and "ids must be a list" in answer_["error"], (ids, status, answer_)
+        assert stack.api("POST", "/api/replay", {"skip": [10**23]})[0] == 400
+        huge = stack.cli("compensate", str(10**23), check=False)
+        assert huge.returncode == 2 and "Traceback" not in huge.stderr
+        empty = stack.cli("snapshot", "delete", "", check=False)
+        assert empty.returncode == 2 and "name the snapshot" in empty.stderr
 
 
 # --------------------------------------------------------------------------- server-chosen names

@@ -47,6 +47,14 @@ def _int(value: str | None, name: str) -> int | None:
     return n
 
 
+def _numbers(value: Any, refusal: str) -> list[int]:
+    """A JSON list of verb or inconsistency numbers (booleans are not numbers, nor is what no database holds)."""
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 63
+                                              for i in value):
+        raise OperationError(400, refusal)
+    return value
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
@@ -135,9 +143,7 @@ class AdminApi:
             return web.json_response(await m.repair(note))
 
         async def replay(request: web.Request) -> web.Response:
-            skip = (await _json_body(request)).get("skip", [])
-            if not isinstance(skip, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in skip):
-                raise OperationError(400, "skip must be a list of verb numbers")
+            skip = _numbers((await _json_body(request)).get("skip", []), "skip must be a list of verb numbers")
             return web.json_response(await m.replay(skip))
 
         async def commit(request: web.Request) -> web.Response:
@@ -159,8 +165,8 @@ class AdminApi:
         async def compensate(request: web.Request) -> web.Response:
             body = await _json_body(request)
             ids = body.get("ids")
-            if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids)):
-                raise OperationError(400, "ids must be a list of inconsistency ids")
+            if ids is not None:
+                _numbers(ids, "ids must be a list of inconsistency ids")
             return web.json_response(await m.compensate(ids, bool(body.get("all"))))
 
         async def prometheus(request: web.Request) -> web.Response:

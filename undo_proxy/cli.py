@@ -31,13 +31,15 @@ class Exit(Exception):
 
 
 def whole_number(text: str) -> int:
-    """A count, verb number or id: 0 or more (argparse's usage error, exit 2, for anything else)."""
+    """A count, verb number or id: 0 up to 2**63 - 1 (argparse's usage error, exit 2, for anything else)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    if value >= 1 << 63:   # beyond any database's integers
+        raise argparse.ArgumentTypeError(f"{text} is too large")
     return value
 
 
@@ -200,6 +202,8 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> None:
             t.add_row(s["id"], s["time"][:19], str(s["after_seq"]), s["kind"], s["label"] or "", s["backend"], usable)
         out.print(t)
     else:
+        if not args.id.strip():
+            die(2, "name the snapshot to delete: its id, or its label")
         api(cfg, "DELETE", f"/api/snapshots/{urllib.request.quote(args.id, safe='')}")
         err.print(f"deleted snapshot {args.id}")
 
