@@ -63,6 +63,9 @@ def json_value(text: str | bytes) -> object:
         return json.loads(text)
 
 
+LOCK_WAIT_MS = 30_000  # how long an SQLite write waits for another process's lock before the timeline fails
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     codec = {"json_serializer": json_text, "json_deserializer": json_value}
@@ -78,11 +81,15 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn) -> None:  # noqa: ANN001
+            # How long to wait for another writer's lock: a transaction may ask for less (a probe of a timeline
+            # known to be failing); pooled connections keep the setting, so every transaction sets its own.
+            wait_ms = conn.get_execution_options().get("lock_wait_ms", LOCK_WAIT_MS)
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(wait_ms)}")
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine

@@ -193,8 +193,10 @@ class Timeline:
             state = "has no schema" if current is None else f"is at schema {current}, not {head}"
             raise TimelineUnavailable(f"the timeline database {state}: run `undo-proxy db upgrade`")
 
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def session(self, lock_wait_ms: int | None = None) -> Session:
+        """lock_wait_ms: how long SQLite waits for another writer's lock in this session (default 30 s)."""
+        bind = self.engine if lock_wait_ms is None else self.engine.execution_options(lock_wait_ms=lock_wait_ms)
+        return Session(bind, expire_on_commit=False)
 
     def run(self, fn: Callable[[Session], Any]) -> Any:
         """Run fn in one transaction; database errors become TimelineUnavailable."""
@@ -430,6 +432,9 @@ def _short(exc: BaseException) -> str:
     return str(orig or exc).splitlines()[0][:300]
 
 
+PROBE_LOCK_WAIT_MS = 1000
+
+
 class GroupCommitter:
     """The daemon's one writer. Operations queued while a transaction is being committed go together
     into the next one, so N concurrent requests cost one fsync, not N."""
@@ -582,7 +587,9 @@ class GroupCommitter:
 
     def _commit(self, ops: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
         try:
-            with self.timeline.session() as s, s.begin():
+            # A timeline known to be failing is probed, not waited for: with another process holding SQLite's
+            # lock, every request would otherwise wait out the whole lock timeout before its 503.
+            with self.timeline.session(None if self.healthy else PROBE_LOCK_WAIT_MS) as s, s.begin():
                 results: list[tuple[bool, Any]] = []
                 records: list[NewVerb] = []
                 for op in ops:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -609,6 +610,33 @@ def test_a_database_that_cannot_be_written_fails_a_batch_at_once(tl: Timeline) -
     results = GroupCommitter(tl)._commit([op(i) for i in range(20)])
     assert calls == [0] and len(results) == 20
     assert all(not ok and isinstance(err, TimelineUnavailable) for ok, err in results)
+
+
+async def test_a_timeline_known_to_be_failing_is_probed_not_waited_for(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock. Once the committer knows the timeline is failing, a write
+    gives up after about a second (a 503 for its client), not after the whole 30 s lock timeout; once the
+    lock is gone, the next write succeeds and the timeline is healthy again."""
+    url = f"sqlite:///{tmp_path / 'state' / 'timeline.db'}"
+    upgrade(url)
+    tl = Timeline(url)
+    holder = sqlite3.connect(tmp_path / "state" / "timeline.db", isolation_level=None)
+    committer = GroupCommitter(tl)
+    committer.start()
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        committer.healthy = False   # as after a failed write
+        t0 = time.monotonic()
+        with pytest.raises(TimelineUnavailable):
+            await committer.write(lambda s: Timeline.insert_verb(s, new_verb(targets=["/locked"])))
+        assert time.monotonic() - t0 < 5
+        holder.execute("ROLLBACK")
+        await committer.write(lambda s: Timeline.insert_verb(s, new_verb(targets=["/free"])))
+        assert committer.healthy
+    finally:
+        holder.close()
+        await committer.stop()
+        tl.close()
+    assert [v["targets"] for v in tl.verbs(VerbFilter())] == [["/free"]]
 
 
 async def test_group_committer_fails_closed_and_recovers(tl: Timeline, db_url: str) -> None:
