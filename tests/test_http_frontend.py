@@ -853,15 +853,17 @@ def test_the_request_head_sent_upstream() -> None:
 
 
 async def test_a_request_waits_for_a_busy_upstreams_connection_no_longer_than_the_timeout(tmp_path) -> None:
-    """All of the pool's connections busy with slow answers: the next request gets 503 after the upstream
-    timeout instead of queueing for as long as the slow ones take."""
+    """All of the upstream's connections busy with slow answers (one pooled, one a streamed body's): the next
+    request gets 503 after the upstream timeout instead of queueing for as long as the slow ones take."""
     import asyncio
     from storage.blobs import BlobStore
     from undo_proxy.http_upstream import HttpUpstream
     from verbs.http import HttpPack
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"PUT"):
+            await reader.readuntil(b"0\r\n\r\n")   # the chunked body
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
         for _ in range(8):   # a byte every 0.25 s: slow, but never silent for the 0.5 s timeout
             writer.write(b"x")
@@ -875,7 +877,11 @@ async def test_a_request_waits_for_a_busy_upstreams_connection_no_longer_than_th
     request = {"method": "GET", "path": "/", "headers": [["Host", "h"]], "client": "127.0.0.1"}
     blobs = BlobStore(tmp_path / "blobs")
     try:
-        busy = [asyncio.create_task(up.exchange(request, None, blobs, HttpPack())) for _ in range(2)]
+        async def streamed():   # a body that streams goes through aiohttp's ClientSession: the same slots
+            yield b"a streamed body"
+        put = {**request, "method": "PUT"}
+        busy = [asyncio.create_task(up.exchange(request, None, blobs, HttpPack())),
+                asyncio.create_task(up.exchange(put, streamed(), blobs, HttpPack()))]
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
         third = await up.exchange(request, None, blobs, HttpPack())

@@ -144,7 +144,8 @@ class HttpUpstream:
         self._slots = asyncio.Semaphore(connections)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=self.keepalive, force_close=False)
+        # No limit of its own: its requests take the same slots as the pool's (the upstream sees `connections`).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive, force_close=False)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, connect=min(self.timeout, 10), sock_read=self.timeout),
@@ -171,7 +172,20 @@ class HttpUpstream:
             fields.setdefault("Content-Length", "0")
         # encoded=True: the path goes upstream byte for byte as the client sent it.
         url = URL(self.base_url + request["path"], encoded=True)
-        return self.session.request(request["method"], url, headers=fields, data=data, allow_redirects=False)
+        return _SessionExchange(self, self.session.request(request["method"], url, headers=fields, data=data,
+                                                           allow_redirects=False))
+
+    async def take_slot(self) -> None:
+        """One of the `connections` the upstream is sent at once; waited for no longer than the timeout."""
+        if not self._slots.locked():
+            await self._slots.acquire()   # at once: no timer to set and cancel on every request
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:  # the upstream is saturated: a request does not wait for a slot for ever
+            raise UpstreamError(503, f"upstream busy: all {self.connections} connections in use "
+                                     f"for {self.timeout:g} s") from None
 
     async def exchange(self, request: dict[str, Any], data: bytes | AsyncIterable[bytes] | None,
                        blobs: BlobStore, pack: Any) -> ExchangeResult:
@@ -268,16 +282,7 @@ class _PooledExchange:
         self.response: _PooledResponse | None = None
 
     async def __aenter__(self) -> _PooledResponse:
-        slots = self.upstream._slots
-        if not slots.locked():
-            await slots.acquire()   # at once: no timer to set and cancel on every request
-        else:
-            try:
-                async with asyncio.timeout(self.upstream.timeout):
-                    await slots.acquire()
-            except TimeoutError:  # the upstream is saturated: a request does not wait for a slot for ever
-                raise UpstreamError(503, f"upstream busy: all {self.upstream.connections} connections in use "
-                                         f"for {self.upstream.timeout:g} s") from None
+        await self.upstream.take_slot()
         try:
             proto, reused = await self.upstream._connection()
             try:
@@ -327,6 +332,27 @@ class _PooledExchange:
                     proto.abort()   # an answer not read to its end cannot carry the next request
         finally:
             self.upstream._slots.release()
+
+class _SessionExchange:
+    """A ClientSession request (a streamed body, Expect: 100-continue) holding one of the upstream's slots."""
+
+    def __init__(self, upstream: HttpUpstream, request: Any) -> None:
+        self.upstream, self.request = upstream, request
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        await self.upstream.take_slot()
+        try:
+            return await self.request.__aenter__()
+        except BaseException:
+            self.upstream._slots.release()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self.request.__aexit__(*exc)
+        finally:
+            self.upstream._slots.release()
+
 
 async def read_whole(resp: aiohttp.ClientResponse, blobs: BlobStore) -> BufferedResponse:
     writer = blobs.writer()
