@@ -68,11 +68,20 @@ def file_tree(root: Path) -> dict[str, str]:
     return out
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = HOST) -> int:
-    """Return a TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port that is free on ``host`` right now, and that no earlier call of this test run gave:
+    the kernel may hand a port just closed out again, and two ports asked for one after the other (a daemon's
+    front-end and admin listeners, say) would then be the same."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(
