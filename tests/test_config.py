@@ -217,6 +217,13 @@ def test_counts_and_ids_must_be_whole_numbers_exit_2(args: tuple[str, ...], tmp_
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("target", ["@x", "@", "@-3", "@1.5", " "])
+def test_a_malformed_rewind_target_is_a_usage_error_even_with_the_daemon_stopped(target: str, tmp_path: Path) -> None:
+    run("init", str(tmp_path), cwd=tmp_path)
+    result = run("-c", str(tmp_path / "undo-proxy.toml"), "rewind", "--to", target, "--yes", cwd=tmp_path)
+    assert result.returncode == 2 and "@SEQ" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("text,seconds", [
     ("90s", 90.0), ("15m", 900.0), ("2h", 7200.0), ("0", 0.0), ("1d", 86400.0), ("250ms", 0.25),
     ("1.5h", 5400.0), ("45", 45.0), (" 10m ", 600.0),

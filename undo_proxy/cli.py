@@ -209,6 +209,9 @@ def cmd_snapshot(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def cmd_rewind(args: argparse.Namespace, cfg: Config) -> None:
+    to = args.to.strip()
+    if not to or (to.startswith("@") and not to[1:].isdigit()):   # malformed whether the daemon runs or not
+        die(2, f"--to {args.to!r}: give a snapshot id or label, @SEQ (a verb number, e.g. @42) or an ISO-8601 time")
     if not args.yes:
         if not sys.stdin.isatty():
             die(2, "rewind stops live traffic and rolls the service back: confirm with --yes")
