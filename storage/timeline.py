@@ -127,33 +127,38 @@ class _RowsInsert:
     def __init__(self, dialect: Any) -> None:
         self.dialect = dialect
         self.processors = [_VERBS.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in _VERB_COLUMNS]
-        self._sql: dict[int, tuple[str, list[str] | None]] = {}
+        self._sql: dict[int, tuple[str, list[int] | None, list[str] | None]] = {}
 
-    def insert(self, s: Session, values: list[dict[str, Any]]) -> None:
+    def insert(self, s: Session, rows: list[tuple[Any, ...]]) -> None:
         start = 0
-        while start < len(values):
+        while start < len(rows):
             # 64 rows at a time, then the rest by powers of two: seven statements to compile, not 64.
-            rows = min(_ROWS_PER_INSERT, 1 << ((len(values) - start).bit_length() - 1))
-            sql, order = self._statement(rows)
-            params = self._params(values[start:start + rows])
-            s.connection().exec_driver_sql(sql, tuple(params[n] for n in order) if order is not None else params)
-            start += rows
+            count = min(_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
+            sql, positions, names = self._statement(count)
+            values = [value if process is None else process(value)
+                      for row in rows[start:start + count] for value, process in zip(row, self.processors)]
+            if names is not None:
+                params: Any = dict(zip(names, values))
+            else:
+                params = tuple(values) if positions is None else tuple(values[i] for i in positions)
+            s.connection().exec_driver_sql(sql, params)
+            start += count
 
-    def _statement(self, rows: int) -> tuple[str, list[str] | None]:
-        """(SQL, the order of the bind names if the driver's parameters are positional)."""
+    def _statement(self, rows: int) -> tuple[str, list[int] | None, list[str] | None]:
+        """(SQL, for positional parameters their order when it is not row by row, for named ones the names
+        row by row)."""
         found = self._sql.get(rows)
         if found is None:
+            names = [f"{c}_{i}" for i in range(rows) for c in _VERB_COLUMNS]
             stmt = insert(_VERBS).values([{c: bindparam(f"{c}_{i}") for c in _VERB_COLUMNS} for i in range(rows)])
             compiled = stmt.compile(dialect=self.dialect)
-            found = self._sql[rows] = (compiled.string, list(compiled.positiontup) if compiled.positional else None)
+            if compiled.positional:
+                positions = [names.index(name) for name in compiled.positiontup]
+                found = (compiled.string, None if positions == list(range(len(names))) else positions, None)
+            else:
+                found = (compiled.string, None, names)
+            self._sql[rows] = found
         return found
-
-    def _params(self, values: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for i, row in enumerate(values):
-            for name, column, process in zip(_bind_names(i), _VERB_COLUMNS, self.processors):
-                out[name] = row[column] if process is None else process(row[column])
-        return out
 
 
 @functools.cache
@@ -161,17 +166,11 @@ def _rows_insert(dialect: Any) -> _RowsInsert:
     return _RowsInsert(dialect)
 
 
-@functools.cache
-def _bind_names(row: int) -> tuple[str, ...]:
-    return tuple(f"{c}_{row}" for c in _VERB_COLUMNS)
-
-
-def _verb_values(v: NewVerb) -> dict[str, Any]:
+def _verb_row(v: NewVerb) -> tuple[Any, ...]:
+    """The verb's values in the order of _VERB_COLUMNS."""
     now = v.time or utcnow()
-    return dict(time=now, protocol=v.protocol, frontend=v.frontend, verb=v.verb, targets=v.targets,
-                mutates=v.mutates, status=v.status, origin=v.origin, cycle=v.cycle,
-                original_seq=v.original_seq, summary=v.summary, request=v.request, output=v.output,
-                finished=now if v.status != "pending" else None)
+    return (now, v.protocol, v.frontend, v.verb, v.targets, v.mutates, v.status, v.origin, v.cycle, v.original_seq,
+            v.summary, v.request, v.output, now if v.status != "pending" else None)
 
 
 class Timeline:
@@ -209,12 +208,12 @@ class Timeline:
     # --- verbs ---------------------------------------------------------------------------------
     @staticmethod
     def insert_verb(s: Session, v: NewVerb) -> int:
-        return s.execute(_INSERT_VERB, _verb_values(v)).scalar_one()
+        return s.execute(_INSERT_VERB, dict(zip(_VERB_COLUMNS, _verb_row(v)))).scalar_one()
 
     @staticmethod
     def insert_verbs(s: Session, verbs: Sequence[NewVerb]) -> None:
         """Several verbs, many to a statement, in their order (no seqs returned): the batched reads."""
-        _rows_insert(s.get_bind().dialect).insert(s, [_verb_values(v) for v in verbs])
+        _rows_insert(s.get_bind().dialect).insert(s, [_verb_row(v) for v in verbs])
 
     @staticmethod
     def finish_verb(s: Session, seq: int, status: str, output: dict[str, Any] | None, summary: str) -> None:

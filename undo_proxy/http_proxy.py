@@ -371,14 +371,11 @@ class HttpFrontendServer:
 
         async def record(up_status: int, reason: str, headers: list[tuple[str, str]]) -> None:
             nonlocal recorded
+            ref = writer.known() or await asyncio.to_thread(writer.finish_if_possible)
+            if writer.failure is not None:  # the blob store is full: replay compares a read's digest anyway
+                log.warning("%s: the body is not kept: %s", intent.summary, writer.failure)
             stored = not writer.overflow
-            try:
-                ref = writer.known() or await asyncio.to_thread(writer.finish)
-                digest, size = ref.digest, ref.size
-            except OSError as exc:  # the blob store is full: replay compares a read's digest anyway
-                log.warning("%s: the body is not kept: %s", intent.summary, exc)
-                digest, size, stored = writer.digest, writer.size, False
-            output = self.pack.output(up_status, reason, headers, digest, size, stored,
+            output = self.pack.output(up_status, reason, headers, ref.digest, ref.size, stored,
                                       request.method, body=b"".join(kept) if stored else None)
             verb = self._new_verb(intent, status="committed", output=output)
             verb.summary = self.pack.summary(intent.summary, output)
